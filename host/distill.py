@@ -1,0 +1,181 @@
+"""Label-free convex distillation of one conv span: captured activations -> convex student.
+
+Steps, each with a named input and output:
+
+1. :func:`build_conv_problem`: captured ``(z_in, z_out)`` -> :class:`GatedProblem` (patch matrix,
+   targets, gate masks) for a student of given :class:`ConvGeometry` and :class:`GateSpec`.
+2. :func:`fit_path`: problem -> one :class:`SolveResult` per ``lam`` on a decreasing path
+   (``lam = ratio * lam_max``), each solve warm-started from the previous one.
+3. :func:`select_by_validation`: pick the path point with the lowest activation-matching loss on
+   held-out *unlabeled* samples (no labels anywhere on this path).
+4. :class:`~convexedge.host.students.GatedConvStudent` from the selected ``V`` and gates.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from convexedge.device.errors import DataError
+from convexedge.host.gates import GateSpec, gate_masks, sample_gates
+from convexedge.host.solvers import FistaConfig, GatedProblem, SolveResult, solve
+from convexedge.host.students import ConvGeometry, image_to_rows, patch_matrix
+
+__all__ = [
+    "PathPoint",
+    "build_conv_problem",
+    "fit_path",
+    "infer_geometry",
+    "make_gates",
+    "save_student",
+    "select_by_validation",
+]
+
+log = logging.getLogger(__name__)
+
+
+def infer_geometry(in_shape: Sequence[int], out_shape: Sequence[int], kernel_size: int = 3) -> ConvGeometry:
+    """Conv geometry mapping per-sample ``in_shape`` (C, H, W) to the spatial size of ``out_shape``.
+
+    The stride is ``H_in // H_out`` and the padding ``kernel_size // 2`` ("same" for stride 1).
+    """
+    if len(in_shape) != 3 or len(out_shape) != 3:
+        raise DataError(f"conv students need (C, H, W) activations, got in {tuple(in_shape)}, "
+                        f"out {tuple(out_shape)}")
+    stride = in_shape[1] // out_shape[1]
+    geom = ConvGeometry(in_channels=in_shape[0], kernel_size=kernel_size, stride=max(stride, 1),
+                        padding=kernel_size // 2)
+    if geom.out_hw(in_shape[1], in_shape[2]) != tuple(out_shape[1:]):
+        raise DataError(f"no {kernel_size}x{kernel_size} conv maps {tuple(in_shape)} to "
+                        f"{tuple(out_shape)}; pick an odd kernel_size")
+    return geom
+
+
+def build_conv_problem(
+    z_in: np.ndarray,
+    z_out: np.ndarray,
+    geom: ConvGeometry,
+    gates: np.ndarray,
+    *,
+    dtype: str = "float32",
+    device: str = "cpu",
+) -> GatedProblem:
+    """The convex problem of a conv student.
+
+    Args:
+        z_in: (B, C, H, W) captured span inputs.
+        z_out: (B, c, H', W') captured span outputs (the targets).
+        geom: patch geometry; ``geom.out_hw(H, W)`` must equal ``(H', W')``.
+        gates: (geom.d, P) fixed gates.
+
+    Returns:
+        ``GatedProblem`` with ``Z`` (B*H'*W', geom.d), ``Y`` (B*H'*W', c), masks (B*H'*W', P).
+    """
+    if z_in.shape[0] != z_out.shape[0]:
+        raise DataError(f"{z_in.shape[0]} captured inputs but {z_out.shape[0]} outputs")
+    if geom.out_hw(*z_in.shape[2:]) != tuple(z_out.shape[2:]):
+        raise DataError(f"geometry {geom} maps {z_in.shape[2:]} to {geom.out_hw(*z_in.shape[2:])}, "
+                        f"but the outputs are {z_out.shape[2:]}")
+    tdtype = torch.float64 if dtype == "float64" else torch.float32
+    zin = torch.as_tensor(np.asarray(z_in), dtype=tdtype)
+    Z = patch_matrix(zin, geom)
+    Y = image_to_rows(torch.as_tensor(np.asarray(z_out), dtype=tdtype))
+    masks = gate_masks(Z, torch.as_tensor(gates, dtype=tdtype))
+    return GatedProblem.from_arrays(Z, Y, masks, dtype=dtype, device=device)
+
+
+@dataclass
+class PathPoint:
+    """One solve of the path and its held-out activation-matching loss."""
+
+    lam_ratio: float
+    result: SolveResult
+    active_gates: int
+    val_loss: float  # 1/(2n) ||pred - target||^2 on held-out unlabeled samples
+
+
+def fit_path(
+    problem: GatedProblem,
+    lam_ratios: Sequence[float],
+    config: FistaConfig,
+    *,
+    val_problem: GatedProblem | None = None,
+    on_iteration: Callable[[int, float, float], None] | None = None,
+) -> list[PathPoint]:
+    """Solve at ``lam = r * lam_max`` for each ``r`` in decreasing ``lam_ratios``, warm-starting.
+
+    The objective is ``1/(2n) ||sum_i D_i Z V_i - Y||_F^2 + lam * sum_i ||V_i||_F``.
+    """
+    ratios = list(lam_ratios)
+    if not ratios or any(r <= 0 for r in ratios) or ratios != sorted(ratios, reverse=True):
+        raise ValueError(f"lam_ratios must be positive and decreasing, got {ratios}")
+    lam_max = problem.lam_max()
+    points, V0 = [], None
+    for r in ratios:
+        t0 = time.perf_counter()
+        res = solve(problem, r * lam_max, config, V0=V0, progress=on_iteration)
+        V0 = res.V
+        active = int((res.V.flatten(1).abs().amax(1) > 0).sum())
+        if val_problem is not None:
+            val = float(val_problem.smooth(res.V.to(val_problem.Z.device))[0])
+        else:
+            val = float("nan")
+        log.info("lam=%.3g lam_max: %d iterations, %d active gates, %.1fs", r, res.iterations,
+                 active, time.perf_counter() - t0)
+        points.append(PathPoint(lam_ratio=r, result=res, active_gates=active, val_loss=val))
+    return points
+
+
+def select_by_validation(points: Sequence[PathPoint]) -> PathPoint:
+    """The path point with the lowest held-out loss (label-free model selection)."""
+    if not points:
+        raise ValueError("no path points to select from")
+    if all(np.isnan(p.val_loss) for p in points):
+        return points[-1]
+    return min(points, key=lambda p: (np.nan_to_num(p.val_loss, nan=np.inf), p.active_gates))
+
+
+def make_gates(d: int, P: int, seed: int, *, linear_gate: bool = True) -> tuple[GateSpec, np.ndarray]:
+    """A Gaussian :class:`GateSpec` and its (d, P) gate matrix."""
+    spec = GateSpec(kind="gaussian", d=d, P=P, seed=seed, linear_gate=linear_gate)
+    return spec, sample_gates(spec)
+
+
+def save_student(
+    folder: str,
+    name: str,
+    V: np.ndarray,
+    G: np.ndarray,
+    meta: dict,
+) -> tuple[str, str]:
+    """Write ``name.npz`` (``V`` (P, d, c), ``G`` (d, P), float32, no pickle) and ``name.json``.
+
+    The JSON holds ``meta`` plus the format version, shapes, dtypes and the SHA-256 of each array.
+    The JSON is written last and atomically, so a reader that finds it finds a complete ``.npz``.
+    """
+    import hashlib
+    import json
+    import os
+    from pathlib import Path
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    arrays = {"V": np.ascontiguousarray(V, np.float32), "G": np.ascontiguousarray(G, np.float32)}
+    np.savez(out / f"{name}.npz", **arrays)
+    manifest = {
+        "format": "convexedge.student",
+        "format_version": 1,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "arrays": {k: {"shape": list(a.shape), "dtype": str(a.dtype),
+                       "sha256": hashlib.sha256(a.tobytes()).hexdigest()} for k, a in arrays.items()},
+        **meta,
+    }
+    tmp = out / f"{name}.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, out / f"{name}.json")
+    return str(out / f"{name}.npz"), str(out / f"{name}.json")

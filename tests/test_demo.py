@@ -1,0 +1,71 @@
+"""End to end: `convexedge demo --quick` on a tiny real slice, label-free capture, report contents."""
+
+import json
+
+import numpy as np
+import pytest
+
+from convexedge.host.cli import main
+
+REQUIRED = ["teacher_top1", "student_top1", "span_params_teacher", "span_params_student",
+            "solve_seconds", "solver_iterations", "kkt_residual"]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    from convexedge.models import BUNDLED_DATA_DIR
+
+    data = tmp_path_factory.mktemp("data")
+    with np.load(BUNDLED_DATA_DIR / "train_0000_1999.npz") as tr:
+        # training shard WITHOUT labels: the capture/solve path must never need them
+        np.savez(data / "train_00.npz", x=tr["x"][:48])
+    with np.load(BUNDLED_DATA_DIR / "test_0000_0999.npz") as te:
+        np.savez(data / "test_00.npz", x=te["x"][:80], y=te["y"][:80])
+    out = tmp_path_factory.mktemp("out")
+    status = main(["demo", "--quick", "--data", str(data), "--out", str(out), "--images", "48",
+                   "--no-progress", "--seed", "1"])
+    return status, out, data
+
+
+def test_demo_succeeds_and_writes_report(demo_run, capsys):
+    status, out, _ = demo_run
+    assert status == 0
+    report = json.loads((out / "report.json").read_text())
+    for key in REQUIRED:
+        assert key in report, key
+    assert 0.5 < report["teacher_top1"] <= 1.0
+    assert 0.0 <= report["student_top1"] <= 1.0
+    assert report["span_params_student"] < report["span_params_teacher"]
+    assert report["solver_iterations"] > 0 and report["solve_seconds"] > 0
+    assert report["kkt_residual"] >= 0
+    assert report["capture"]["images"] == 48 and report["test_images"] == 80
+    assert "label-free" in report["labels_read"]
+    for png in ("convergence.png", "accuracy_vs_params.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_saved_student_reproduces_reported_accuracy(demo_run):
+    import hashlib
+
+    from convexedge.host.data import load_images, normalize_images
+    from convexedge.host.evaluate import predict_logits, top1
+    from convexedge.host.students import ConvGeometry, GatedConvStudent
+    from convexedge.host.swap import swapped
+    from convexedge.models import load_teacher, teacher_normalization
+
+    _, out, data = demo_run
+    report = json.loads((out / "report.json").read_text())
+    manifest = json.loads((out / "student.json").read_text())
+    with np.load(out / "student.npz", allow_pickle=False) as npz:
+        V, G = npz["V"], npz["G"]
+    for name, arr in (("V", V), ("G", G)):
+        assert hashlib.sha256(arr.tobytes()).hexdigest() == manifest["arrays"][name]["sha256"]
+    student = GatedConvStudent(V, G, ConvGeometry(**manifest["geometry"]),
+                               output_relu=manifest["output_relu"])
+    model = swapped(load_teacher(), manifest["span"], student)
+    mean, std = teacher_normalization()
+    test = load_images(data, "test")
+    acc = top1(predict_logits(model, test.x, lambda x: normalize_images(x, mean, std)), test.y)
+    assert acc == pytest.approx(report["student_top1"])
+    assert manifest["active_gate_indices"] == sorted(manifest["active_gate_indices"])
+    assert len(manifest["active_gate_indices"]) == V.shape[0] == report["active_gates"]
