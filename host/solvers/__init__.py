@@ -1,0 +1,35 @@
+"""convexedge.host.solvers: convex solvers for the gated-ReLU student.
+
+Contract: :class:`GatedProblem` holds ``Z: (n, d)``, ``Y: (n, c)``, ``masks: (n, P)`` (validated
+once by :meth:`GatedProblem.from_arrays`) and applies the operator ``A(V) = sum_i D_i Z V_i`` and its
+adjoint in row chunks; :func:`solve` minimises ``1/(2n) ||A(V) - Y||_F^2 + lam * sum_g ||V_g||_2``
+(groups per gate, or per gate and output column) and returns a :class:`SolveResult` whose
+``converged`` flag and ``kkt_residual`` certificate say how good ``V`` is; non-convergence is a
+``ConvergenceWarning``, never an exception. :func:`fista_init` / :func:`fista_step` expose the
+solver as pure functions over a :class:`FistaState` so a caller can run a few iterations and resume.
+Everything runs in torch on the tensors' device (CPU or CUDA).
+"""
+
+from convexedge.host.solvers.fista import (
+    FistaConfig,
+    FistaState,
+    SolveResult,
+    fista_init,
+    fista_step,
+    kkt_residual,
+    solve,
+)
+from convexedge.host.solvers.problem import GatedProblem, group_norms, prox_group
+
+__all__ = [
+    "FistaConfig",
+    "FistaState",
+    "GatedProblem",
+    "SolveResult",
+    "fista_init",
+    "fista_step",
+    "group_norms",
+    "kkt_residual",
+    "prox_group",
+    "solve",
+]
