@@ -42,18 +42,19 @@ log = logging.getLogger(__name__)
 def infer_geometry(in_shape: Sequence[int], out_shape: Sequence[int], kernel_size: int = 3) -> ConvGeometry:
     """Conv geometry mapping per-sample ``in_shape`` (C, H, W) to the spatial size of ``out_shape``.
 
-    The stride is ``H_in // H_out`` and the padding ``kernel_size // 2`` ("same" for stride 1).
+    The padding is ``kernel_size // 2`` ("same" for stride 1); the stride is the smallest that maps
+    ``(H, W)`` to ``(H', W')``.
     """
     if len(in_shape) != 3 or len(out_shape) != 3:
         raise DataError(f"conv students need (C, H, W) activations, got in {tuple(in_shape)}, "
                         f"out {tuple(out_shape)}")
-    stride = in_shape[1] // out_shape[1]
-    geom = ConvGeometry(in_channels=in_shape[0], kernel_size=kernel_size, stride=max(stride, 1),
-                        padding=kernel_size // 2)
-    if geom.out_hw(in_shape[1], in_shape[2]) != tuple(out_shape[1:]):
-        raise DataError(f"no {kernel_size}x{kernel_size} conv maps {tuple(in_shape)} to "
-                        f"{tuple(out_shape)}; pick an odd kernel_size")
-    return geom
+    for stride in range(1, max(in_shape[1], 1) + 1):
+        geom = ConvGeometry(in_channels=in_shape[0], kernel_size=kernel_size, stride=stride,
+                            padding=kernel_size // 2)
+        if geom.out_hw(in_shape[1], in_shape[2]) == tuple(out_shape[1:]):
+            return geom
+    raise DataError(f"no {kernel_size}x{kernel_size} conv maps {tuple(in_shape)} to "
+                    f"{tuple(out_shape)}; pick an odd kernel_size")
 
 
 def build_conv_problem(
@@ -166,6 +167,7 @@ def save_student(
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     arrays = {"V": np.ascontiguousarray(V, np.float32), "G": np.ascontiguousarray(G, np.float32)}
+    (out / f"{name}.json").unlink(missing_ok=True)  # the manifest marks a complete pair: remove it first
     np.savez(out / f"{name}.npz", **arrays)
     manifest = {
         "format": "convexedge.student",

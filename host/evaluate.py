@@ -48,7 +48,7 @@ def count_parameters(module: nn.Module, *, count_gates: bool = True) -> int:
         for m in module.modules():
             if hasattr(m, "num_parameters") and hasattr(m, "num_gates"):
                 n += m.num_parameters(count_gates=True) - m.num_parameters(count_gates=False)
-            elif hasattr(m, "gates") and isinstance(getattr(m, "gates"), torch.Tensor):
+            elif hasattr(m, "gates") and isinstance(m.gates, torch.Tensor):
                 n += m.gates.numel()
     return n
 
@@ -69,7 +69,7 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
 
     def linear_hook(m: nn.Linear, _inp: tuple, out: torch.Tensor) -> None:
         nonlocal total
-        total += m.in_features * m.out_features
+        total += int(out[0].numel()) * m.in_features
 
     def student_hook(m: nn.Module, inp: tuple, _out: torch.Tensor) -> None:
         nonlocal total

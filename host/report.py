@@ -30,11 +30,12 @@ def plot_convergence(histories: Sequence[tuple[str, dict]], path: str | Path) ->
         obj = hist.get("objective", [])
         if obj:
             best = min(obj)
-            gap = [max(o - best, 1e-16) / max(abs(best), 1e-300) for o in obj]
+            scale = abs(best) if best != 0 else 1.0  # absolute gap when the optimum is 0
+            gap = [max((o - best) / scale, 1e-16) for o in obj]
             ax1.semilogy(range(1, len(gap) + 1), gap, label=label)
         kkt = hist.get("kkt", [])
         if kkt:
-            ax2.semilogy(range(1, len(kkt) + 1), kkt, label=label)
+            ax2.semilogy(range(1, len(kkt) + 1), [max(k, 1e-16) for k in kkt], label=label)
     ax1.set(xlabel="iteration", ylabel="(F - F_best) / F_best", title="objective")
     ax2.set(xlabel="iteration", ylabel="relative KKT residual", title="optimality")
     for ax in (ax1, ax2):

@@ -31,7 +31,7 @@ __all__ = [
 
 @dataclass(frozen=True, kw_only=True)
 class ConvGeometry:
-    """Patch geometry of a conv student (that of a ``Conv2d(in_channels, ., kernel_size, stride, padding)``)."""
+    """Patch geometry of a conv student: that of ``Conv2d(in_channels, ., kernel_size, stride, padding)``."""
 
     in_channels: int
     kernel_size: int = 3

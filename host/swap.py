@@ -32,10 +32,7 @@ def swap_(model: nn.Module, name: str, student: nn.Module) -> nn.Module:
     """
     parent, attr = _parent_and_attr(model, name)
     old = getattr(parent, attr)
-    if isinstance(parent, nn.Sequential) or attr.isdigit():
-        parent[int(attr)] = student
-    else:
-        setattr(parent, attr, student)
+    setattr(parent, attr, student)  # Module.__setattr__ fills _modules[attr]: Sequential/ModuleList too
     return old
 
 
