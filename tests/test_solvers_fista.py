@@ -11,6 +11,9 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from convexedge.device.errors import ConvergenceWarning
 from convexedge.host.solvers import (
     FistaConfig,
@@ -20,8 +23,6 @@ from convexedge.host.solvers import (
     kkt_residual,
     solve,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 GROUPS = ("gate", "gate_output")
 

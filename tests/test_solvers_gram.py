@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_solvers_fista import GROUPS, cvxpy_solution, make_problem
+
 from convexedge.host.solvers import FistaConfig, GatedProblem, fista_init, fista_step, solve
 from convexedge.host.solvers.fista import _Gram
-
-from test_solvers_fista import GROUPS, cvxpy_solution, make_problem
 
 TIGHT = {"tol": 1e-11, "max_iter": 50000}
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from convexedge.device.errors import DataError
-from convexedge.host.solvers import FistaConfig, GatedProblem, group_norms, prox_group, solve
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+
+from convexedge.device.errors import DataError
+from convexedge.host.solvers import FistaConfig, GatedProblem, group_norms, prox_group, solve
 
 GROUPS = ("gate", "gate_output")
 

@@ -19,10 +19,23 @@ The solver is a pair of pure functions over a small named state, :func:`fista_in
 :func:`fista_step`, so a caller can run a few iterations, stop and resume; :func:`solve` is the
 public dispatcher that loops them with stopping rules.
 
-Cost per iteration: one forward ``A(.)`` per line-search trial (usually one) and one adjoint. Since
-``A`` and ``grad f`` are affine, the prediction and the gradient at the momentum point are
+Two ways to apply the operator (``FistaConfig.operator``):
+
+* ``"direct"``: the "image" of an iterate is the prediction ``A(V)`` (n, c); an iteration costs one
+  forward ``A(.)`` per line-search trial (usually one) and one adjoint, both passes over all ``n``
+  rows (``~4 n P d c`` flops).
+* ``"gram"``: the image is ``(A^T A) V`` (P, d, c) with the Gram matrix ``G = A^T A`` built once per
+  problem (:meth:`GatedProblem.gram`, cached on the problem, so a ``lam`` path reuses it); an
+  iteration costs one ``(P d)^2 c`` GEMM per trial and no pass over the rows. ``grad f(V) =
+  (G V - B) / n`` with ``B = A^T Y``, and the line search's ``||A(z - y)||^2`` is the quadratic form
+  ``<z - y, G z - G y>``.
+* ``"auto"`` (default): gram when ``G`` fits in ``gram_max_bytes`` and ``n > P d`` (or the problem
+  already holds a Gram), direct otherwise.
+
+Either way ``A`` and ``grad f`` are affine, so the image and the gradient at the momentum point are
 extrapolated from those at the iterates instead of recomputed, and the KKT residual at the iterate
-is available every iteration at ``O(P d c)`` cost.
+is available every iteration at ``O(P d c)`` cost. The reported final objective is always the true
+one (one float64 forward pass over the rows).
 """
 
 from __future__ import annotations
@@ -33,11 +46,18 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, Protocol
 
 import torch
+
 from convexedge.device.errors import ConvergenceWarning
-from convexedge.host.solvers.problem import GatedProblem, _broadcast_groups, group_norms, prox_group
+from convexedge.host.solvers.problem import (
+    GatedProblem,
+    GramData,
+    _broadcast_groups,
+    group_norms,
+    prox_group,
+)
 
 __all__ = [
     "FistaConfig",
@@ -77,6 +97,12 @@ class FistaConfig:
     check_every: int = 1
     # Wall-clock cap in seconds; hitting it returns converged=False with a ConvergenceWarning.
     max_seconds: float | None = None
+    # How to apply A^T A: "direct" (forward + adjoint over the n rows every iteration), "gram"
+    # (build G = A^T A once per problem, cached on it; then O((P d)^2 c) per iteration), or
+    # "auto": gram when (P d)^2 * itemsize <= gram_max_bytes and n > P d, or the problem already
+    # holds a Gram. An explicit "gram" ignores the cap.
+    operator: Literal["auto", "direct", "gram"] = "auto"
+    gram_max_bytes: int = 512 * 2**20
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_iter, int) or self.max_iter < 0:
@@ -84,23 +110,15 @@ class FistaConfig:
         if not (isinstance(self.tol, (int, float)) and math.isfinite(self.tol) and self.tol >= 0):
             raise ValueError(f"tol must be a finite number >= 0, got {self.tol!r}")
         if self.step_init is not None and not (
-            isinstance(self.step_init, (int, float))
-            and math.isfinite(self.step_init)
-            and self.step_init > 0
+            isinstance(self.step_init, (int, float)) and math.isfinite(self.step_init) and self.step_init > 0
         ):
-            raise ValueError(
-                f"step_init must be None or a finite number > 0, got {self.step_init!r}"
-            )
+            raise ValueError(f"step_init must be None or a finite number > 0, got {self.step_init!r}")
         if not (isinstance(self.backtrack, (int, float)) and 0 < self.backtrack < 1):
             raise ValueError(f"backtrack must be in (0, 1), got {self.backtrack!r}")
-        if not (
-            isinstance(self.grow, (int, float)) and math.isfinite(self.grow) and self.grow >= 1
-        ):
+        if not (isinstance(self.grow, (int, float)) and math.isfinite(self.grow) and self.grow >= 1):
             raise ValueError(f"grow must be a finite number >= 1, got {self.grow!r}")
         if self.restart not in ("function", "gradient", "none"):
-            raise ValueError(
-                f"restart must be 'function', 'gradient' or 'none', got {self.restart!r}"
-            )
+            raise ValueError(f"restart must be 'function', 'gradient' or 'none', got {self.restart!r}")
         if not isinstance(self.monotone, bool):
             raise ValueError(f"monotone must be a bool, got {self.monotone!r}")  # noqa: TRY004
         if not isinstance(self.check_every, int) or self.check_every < 1:
@@ -109,12 +127,23 @@ class FistaConfig:
             isinstance(self.max_seconds, (int, float)) and self.max_seconds > 0
         ):
             raise ValueError(f"max_seconds must be None or > 0, got {self.max_seconds!r}")
+        if self.operator not in ("auto", "direct", "gram"):
+            raise ValueError(f"operator must be 'auto', 'direct' or 'gram', got {self.operator!r}")
+        if (
+            not isinstance(self.gram_max_bytes, int)
+            or isinstance(self.gram_max_bytes, bool)
+            or self.gram_max_bytes < 0
+        ):
+            raise ValueError(f"gram_max_bytes must be an int >= 0, got {self.gram_max_bytes!r}")
 
 
 class FistaState(NamedTuple):
     """Everything FISTA carries from one iteration to the next.
 
-    Shapes: ``x, x_prev, y, grad_x, grad_y: (P, d, c)``; ``pred_x, pred_y: (n, c)``.
+    Shapes: ``x, x_prev, y, grad_x, grad_y: (P, d, c)``; ``pred_x, pred_y``: the operator's image,
+    ``(n, c)`` predictions ``A(.)`` with ``operator="direct"``, ``(P, d, c)`` products
+    ``(A^T A)(.)`` with ``operator="gram"``. A state only continues under the operator it was
+    started with.
 
     Attributes:
         x: current iterate ``x_k``.
@@ -122,9 +151,10 @@ class FistaState(NamedTuple):
         y: momentum point the next proximal-gradient step starts from.
         t: momentum parameter ``t_k`` (1 right after init or a restart).
         step: last accepted step (the next iteration first tries ``step * grow``).
-        pred_x: ``A(x)``.
-        pred_y: ``A(y)`` (extrapolated, ``A`` is linear).
-        fx: ``F(x)`` (float64 accumulation of a prediction in the problem's dtype).
+        pred_x: image of ``x`` (``A(x)``, or ``G x`` in gram mode).
+        pred_y: image of ``y`` (extrapolated, the operator is linear).
+        fx: ``F(x)`` (float64 sums of quantities in the problem's dtype; in gram mode from
+            ``<x, G x> - 2 <B, x> + ||Y||^2``).
         it: iterations done.
         restarts: momentum restarts so far.
         grad_x: ``grad f(x)``.
@@ -163,6 +193,7 @@ class SolveResult:
         group: ``"gate"`` or ``"gate_output"``.
         dtype: ``"float32"`` or ``"float64"``.
         device: e.g. ``"cpu"``, ``"cuda:0"``.
+        operator: ``"direct"`` or ``"gram"``, the one used (``"auto"`` resolved).
     """
 
     V: torch.Tensor
@@ -177,6 +208,7 @@ class SolveResult:
     group: str = "gate"
     dtype: str = "float32"
     device: str = "cpu"
+    operator: str = "direct"
 
 
 # --------------------------------------------------------------------------------- certificate
@@ -210,25 +242,113 @@ def kkt_residual(
     r_active = group_norms(g + lam * unit, problem.group)
     r_zero = (group_norms(g, problem.group) - lam).clamp_min(0.0)
     r = torch.where(active, r_active, r_zero)
-    denom = max(
-        float(torch.linalg.vector_norm(problem._grad0_group_norms())), 2.2250738585072014e-308
-    )
+    denom = max(float(torch.linalg.vector_norm(problem._grad0_group_norms())), 2.2250738585072014e-308)
     return float(torch.linalg.vector_norm(r)) / denom
 
 
+# --------------------------------------------------------------------------------- operators
+class _Operator(Protocol):
+    kind: str
+    image_shape: tuple[int, ...]
+
+    def image(self, V: torch.Tensor) -> torch.Tensor: ...
+    def grad(self, img: torch.Tensor) -> torch.Tensor: ...
+    def smooth(self, V: torch.Tensor, img: torch.Tensor) -> float: ...
+    def quad(self, dV: torch.Tensor, dimg: torch.Tensor) -> torch.Tensor: ...
+    def normal(self, V: torch.Tensor) -> torch.Tensor: ...
+
+
+class _Direct:
+    """Image = prediction ``A(V)`` (n, c); every product is a pass over the rows."""
+
+    kind = "direct"
+
+    def __init__(self, problem: GatedProblem) -> None:
+        self.p = problem
+        self.image_shape = (problem.n, problem.c)
+
+    def image(self, V: torch.Tensor) -> torch.Tensor:
+        return self.p.forward(V)
+
+    def grad(self, img: torch.Tensor) -> torch.Tensor:
+        return self.p.adjoint(img - self.p.Y) / self.p.n
+
+    def smooth(self, V: torch.Tensor, img: torch.Tensor) -> float:
+        return self.p._smooth_from_pred(img)
+
+    def quad(self, dV: torch.Tensor, dimg: torch.Tensor) -> torch.Tensor:
+        """``||A dV||^2`` given ``dimg = A dV``."""
+        return torch.linalg.vector_norm(dimg, dtype=torch.float64).square()
+
+    def normal(self, V: torch.Tensor) -> torch.Tensor:
+        return self.p.adjoint(self.p.forward(V))
+
+
+class _Gram:
+    """Image = ``G V`` (P, d, c) with the cached Gram ``G = A^T A``; no pass over the rows."""
+
+    kind = "gram"
+
+    def __init__(self, problem: GatedProblem) -> None:
+        self.n = problem.n
+        self.g: GramData = problem.gram()
+        self.image_shape = (problem.P, problem.d, problem.c)
+
+    def image(self, V: torch.Tensor) -> torch.Tensor:
+        P, d, c = V.shape
+        active = V.reshape(P, -1).ne(0).any(dim=1)  # NaN counts as active: never hide it
+        n_active = int(active.sum())
+        if n_active == P:
+            return self.g.apply(V)
+        # Gates pruned by the prox cost nothing. G is symmetric, so its column block j is the
+        # transpose of the (contiguous) row block j: G V = sum_j G[j-rows, :]^T V_j, no copy of G.
+        out = torch.zeros((P * d, c), dtype=V.dtype, device=V.device)
+        G = self.g.G
+        for j in torch.nonzero(active).flatten().tolist():
+            out.addmm_(G[j * d : (j + 1) * d, :].T, V[j])
+        return out.view(P, d, c)
+
+    def grad(self, img: torch.Tensor) -> torch.Tensor:
+        return (img - self.g.B) / self.n
+
+    def smooth(self, V: torch.Tensor, img: torch.Tensor) -> float:
+        return self.g.smooth(V, img, self.n)
+
+    def quad(self, dV: torch.Tensor, dimg: torch.Tensor) -> torch.Tensor:
+        """``||A dV||^2 = <dV, G dV>`` given ``dimg = G dV``."""
+        return torch.sum(dV * dimg, dtype=torch.float64)
+
+    def normal(self, V: torch.Tensor) -> torch.Tensor:
+        return self.image(V)
+
+
+def _use_gram(problem: GatedProblem, config: FistaConfig) -> bool:
+    if config.operator != "auto":
+        return config.operator == "gram"
+    if problem.has_gram:
+        return True
+    return problem.gram_bytes() <= config.gram_max_bytes and problem.n > problem.P * problem.d
+
+
+def _operator(problem: GatedProblem, config: FistaConfig) -> _Operator:
+    """The operator ``config.operator`` resolves to (building the Gram on first use)."""
+    return _Gram(problem) if _use_gram(problem, config) else _Direct(problem)
+
+
 # --------------------------------------------------------------------------------- init / step
-def _estimate_step(problem: GatedProblem) -> float:
+def _estimate_step(problem: GatedProblem, op: _Operator | None = None) -> float:
     """``1 / L`` with ``L = ||A||^2 / n`` from a few power iterations on ``A^T A / n``.
 
     Power iteration underestimates ``L``, so the step may be slightly too long; the line search
     shrinks it on the first iteration if so.
     """
+    op = op if op is not None else _Direct(problem)
     gen = torch.Generator().manual_seed(0)
     v = torch.randn((problem.P, problem.d, problem.c), generator=gen, dtype=torch.float64)
     v = (v / torch.linalg.vector_norm(v)).to(dtype=problem.Z.dtype, device=problem.Z.device)
     L = 0.0
     for _ in range(_POWER_ITERS):
-        w = problem.adjoint(problem.forward(v)) / problem.n
+        w = op.normal(v) / problem.n
         L = float(torch.linalg.vector_norm(w, dtype=torch.float64))
         if L == 0.0:
             return 1.0
@@ -241,8 +361,8 @@ def fista_init(
 ) -> FistaState:
     """Start FISTA at ``V0`` (zeros if None): ``y_1 = x_0``, ``t_1 = 1`` (Beck & Teboulle 2009).
 
-    Costs one forward (skipped for ``V0=None``), one adjoint, and the step estimate if
-    ``config.step_init`` is None.
+    Costs one operator image (skipped for ``V0=None``) and the step estimate if
+    ``config.step_init`` is None; in gram mode the first call on a problem also builds its Gram.
 
     Args:
         problem: the problem.
@@ -252,26 +372,25 @@ def fista_init(
     """
     shape = (problem.P, problem.d, problem.c)
     like = {"dtype": problem.Z.dtype, "device": problem.Z.device}
+    if V0 is not None and tuple(V0.shape) != shape:
+        raise ValueError(f"V0 must have shape (P, d, c) = {shape}, got {tuple(V0.shape)}")
+    op = _operator(problem, config)
     if V0 is None:
         x = torch.zeros(shape, **like)
-        pred = torch.zeros((problem.n, problem.c), **like)
+        pred = torch.zeros(op.image_shape, **like)
     else:
-        if tuple(V0.shape) != shape:
-            raise ValueError(f"V0 must have shape (P, d, c) = {shape}, got {tuple(V0.shape)}")
         x = V0.detach().to(**like).clone()
-        pred = problem.forward(x)
-    grad = problem.adjoint(pred - problem.Y) / problem.n
-    fx = problem._smooth_from_pred(pred) + lam * float(problem.penalty(x))
-    step = config.step_init if config.step_init is not None else _estimate_step(problem)
+        pred = op.image(x)
+    grad = op.grad(pred)
+    fx = op.smooth(x, pred) + lam * float(problem.penalty(x))
+    step = config.step_init if config.step_init is not None else _estimate_step(problem, op)
     return FistaState(
         x=x, x_prev=x, y=x, t=1.0, step=float(step), pred_x=pred, pred_y=pred, fx=fx,
         it=0, restarts=0, grad_x=grad, grad_y=grad,
     )  # fmt: skip
 
 
-def fista_step(
-    problem: GatedProblem, lam: float, config: FistaConfig, state: FistaState
-) -> FistaState:
+def fista_step(problem: GatedProblem, lam: float, config: FistaConfig, state: FistaState) -> FistaState:
     """One accepted FISTA iteration: line search, prox step, restart test, momentum.
 
     Args:
@@ -285,22 +404,30 @@ def fista_step(
     """
     x, y, pred_y, grad_y = state.x, state.y, state.pred_y, state.grad_y
     n = problem.n
+    op = _operator(problem, config)
+    if tuple(pred_y.shape) != op.image_shape:
+        raise ValueError(
+            f"state was started with the other operator (image shape {tuple(pred_y.shape)}, "
+            f"operator {op.kind!r} needs {op.image_shape}); continue with the config that made it"
+        )
 
     # Departure from Beck & Teboulle (whose backtracking only shrinks): first try a longer step,
     # as in Scheinberg, Goldfarb & Bai 2014, so the step follows the local curvature both ways.
     step = state.step * config.grow
     for trial in range(_MAX_TRIALS):
         z = prox_group(y - step * grad_y, step * lam, problem.group)
-        pred_z = problem.forward(z)
+        pred_z = op.image(z)
         # Beck & Teboulle's test f(z) <= f(y) + <grad f(y), z - y> + ||z - y||^2 / (2 step) is, for
         # our quadratic f, exactly ||A(z - y)||^2 / (2n) <= ||z - y||^2 / (2 step). Departure: we
         # test this form, which has no cancellation between two nearly equal objective values, so
-        # the search does not fail spuriously in float32 near the optimum.
-        dz = torch.linalg.vector_norm(z - y, dtype=torch.float64).square()
+        # the search does not fail spuriously in float32 near the optimum. ||A(z - y)||^2 is
+        # ||pred_z - pred_y||^2 (direct) or <z - y, G z - G y> (gram).
+        diff = z - y
+        dz = torch.linalg.vector_norm(diff, dtype=torch.float64).square()
         if dz == 0:
             step = state.step  # nothing moved: do not let the step grow without bound
             break
-        dpred = torch.linalg.vector_norm(pred_z - pred_y, dtype=torch.float64).square()
+        dpred = op.quad(diff, pred_z - pred_y)
         if bool(dpred / n <= dz / step):
             break
         if trial < _MAX_TRIALS - 1:
@@ -309,8 +436,8 @@ def fista_step(
     else:  # pragma: no cover - only when 50 halvings (a 1e-15 step) still fail
         logger.debug("line search hit %d trials; accepting step %.3g", _MAX_TRIALS, step)
 
-    grad_z = problem.adjoint(pred_z - problem.Y) / n
-    fz = problem._smooth_from_pred(pred_z) + lam * float(problem.penalty(z))
+    grad_z = op.grad(pred_z)
+    fz = op.smooth(z, pred_z) + lam * float(problem.penalty(z))
 
     # Adaptive restart (O'Donoghue & Candès 2015, Sec. 3.2), tested on the prox point z.
     if config.restart == "gradient":
@@ -341,8 +468,8 @@ def fista_step(
         # (t = 1, y = x_new). The step is kept.
         t_next, a, b = 1.0, 0.0, 0.0
 
-    # y_{k+1} = x_new + a (z - x_new) + b (x_new - x_k); A(.) and grad f are affine in V, so the
-    # same combination gives A(y) and grad f(y) with no extra forward/adjoint.
+    # y_{k+1} = x_new + a (z - x_new) + b (x_new - x_k); the image and grad f are affine in V, so
+    # the same combination gives them at y with no extra operator application.
     def extrapolate(new: torch.Tensor, at_z: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
         out = new
         if a != 0.0:
@@ -362,16 +489,15 @@ def fista_step(
 
 
 # --------------------------------------------------------------------------------- solve
-def _zero_result(problem: GatedProblem, lam: float, start: float) -> SolveResult:
-    V = torch.zeros(
-        (problem.P, problem.d, problem.c), dtype=problem.Z.dtype, device=problem.Z.device
-    )
+def _zero_result(problem: GatedProblem, lam: float, start: float, config: FistaConfig) -> SolveResult:
+    V = torch.zeros((problem.P, problem.d, problem.c), dtype=problem.Z.dtype, device=problem.Z.device)
     obj = problem.objective(V, lam)
     return SolveResult(
         V=V, lam=lam, objective=obj, iterations=0, converged=True, kkt_residual=0.0,
         seconds=time.perf_counter() - start,
         history={"iteration": [0], "objective": [obj], "kkt": [0.0], "step": [0.0], "seconds": [0.0]},
         restarts=0, group=problem.group, dtype=_dtype_name(problem), device=str(problem.Z.device),
+        operator="gram" if _use_gram(problem, config) else "direct",
     )  # fmt: skip
 
 
@@ -388,16 +514,14 @@ def _solve_fista(
 ) -> SolveResult:
     start = time.perf_counter()
     if lam >= problem.lam_max():
-        return _zero_result(problem, lam, start)
+        return _zero_result(problem, lam, start, config)
     state = fista_init(problem, lam, config, V0)
-    history: dict[str, list[float]] = {
-        k: [] for k in ("iteration", "objective", "kkt", "step", "seconds")
-    }
+    history: dict[str, list[float]] = {k: [] for k in ("iteration", "objective", "kkt", "step", "seconds")}
 
     def check(s: FistaState) -> float:
         kkt = kkt_residual(problem, s.x, lam, grad=s.grad_x)
         elapsed = time.perf_counter() - start
-        for key, val in zip(history, (s.it, s.fx, kkt, s.step, elapsed)):
+        for key, val in zip(history, (s.it, s.fx, kkt, s.step, elapsed), strict=True):
             history[key].append(float(val))
         if progress is not None:
             progress(s.it, s.fx, kkt)
@@ -409,9 +533,7 @@ def _solve_fista(
     while not converged and state.it < config.max_iter:
         state = fista_step(problem, lam, config, state)
         last = state.it == config.max_iter
-        timed_out = config.max_seconds is not None and (
-            time.perf_counter() - start >= config.max_seconds
-        )
+        timed_out = config.max_seconds is not None and (time.perf_counter() - start >= config.max_seconds)
         if state.it % config.check_every == 0 or last or timed_out:
             kkt = check(state)
             converged = kkt <= config.tol
@@ -436,6 +558,7 @@ def _solve_fista(
         converged=converged, kkt_residual=kkt, seconds=time.perf_counter() - start,
         history=history, restarts=state.restarts, group=problem.group,
         dtype=_dtype_name(problem), device=str(problem.Z.device),
+        operator="gram" if _use_gram(problem, config) else "direct",
     )  # fmt: skip
 
 
@@ -451,13 +574,16 @@ def solve(
 
     For ``lam >= problem.lam_max()`` the zero solution is optimal and returned at once
     (``iterations=0``, ``converged=True``). Otherwise the method runs until the relative KKT
-    residual (:func:`kkt_residual`) is ``<= config.tol``; stopping at ``max_iter`` or
+    residual (:func:`kkt_residual`, from the iterate's gradient: ``A^T(A V - Y) / n`` in direct
+    mode, ``(G V - B) / n`` in gram mode) is ``<= config.tol``; stopping at ``max_iter`` or
     ``max_seconds`` first returns ``converged=False`` and emits a :class:`ConvergenceWarning`.
 
     Args:
         problem: data and operator (:meth:`GatedProblem.from_arrays`).
         lam: regularisation strength ``>= 0``.
-        config: :class:`FistaConfig`.
+        config: :class:`FistaConfig`; ``config.operator`` picks direct or Gram products (the
+            Gram is built on the first gram-mode solve and cached on ``problem``, so the solves
+            of a ``lam`` path share it; that first solve's ``seconds`` include the build).
         V0: (P, d, c) warm start (e.g. the solution at the previous ``lam`` of a path).
         method: ``"fista"`` (other methods arrive later).
         progress: optional ``callable(it, objective, kkt)`` called at every checked iteration.
