@@ -40,13 +40,15 @@ class CaptureConfig:
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.shard_images < 1:
-            raise ValueError(f"batch_size and shard_images must be >= 1, got {self.batch_size}, "
-                             f"{self.shard_images}")
+            raise ValueError(
+                f"batch_size and shard_images must be >= 1, got {self.batch_size}, {self.shard_images}"
+            )
         if self.dtype not in ("float32", "float16"):
             raise ValueError(f"dtype must be 'float32' or 'float16', got {self.dtype!r}")
         if self.shard_images % self.batch_size:
-            raise ValueError(f"shard_images ({self.shard_images}) must be a multiple of batch_size "
-                             f"({self.batch_size})")
+            raise ValueError(
+                f"shard_images ({self.shard_images}) must be a multiple of batch_size ({self.batch_size})"
+            )
 
 
 class _StopForward(Exception):
@@ -91,8 +93,10 @@ class ActivationShards:
         except json.JSONDecodeError as exc:
             raise ArtifactError(f"{root / _MANIFEST} is not valid JSON ({exc})") from None
         if manifest.get("format") != _FORMAT or manifest.get("format_version") != _VERSION:
-            raise ArtifactError(f"{root}: expected {_FORMAT} v{_VERSION}, got "
-                                f"{manifest.get('format')!r} v{manifest.get('format_version')!r}")
+            raise ArtifactError(
+                f"{root}: expected {_FORMAT} v{_VERSION}, got "
+                f"{manifest.get('format')!r} v{manifest.get('format_version')!r}"
+            )
         shards = cls(
             root=root,
             module=manifest["module"],
@@ -158,15 +162,19 @@ def capture_block(
     from tqdm.auto import tqdm
 
     if not isinstance(images, np.ndarray) or images.ndim != 4 or images.dtype != np.uint8:
-        raise DataError("capture_block: expected images as an (N, H, W, C) uint8 array, got "
-                        f"{type(images).__name__} {getattr(images, 'dtype', '')}"
-                        f"{getattr(images, 'shape', '')}")
+        raise DataError(
+            "capture_block: expected images as an (N, H, W, C) uint8 array, got "
+            f"{type(images).__name__} {getattr(images, 'dtype', '')}"
+            f"{getattr(images, 'shape', '')}"
+        )
     if images.shape[0] == 0:
         raise DataError("capture_block: no images to capture")
     names = dict(model.named_modules())
     if module not in names:
-        raise DataError(f"module {module!r} not found in the model; top-level modules are "
-                        f"{[n for n in names if n and '.' not in n]}")
+        raise DataError(
+            f"module {module!r} not found in the model; top-level modules are "
+            f"{[n for n in names if n and '.' not in n]}"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / _MANIFEST).unlink(missing_ok=True)  # a capture in progress has no manifest
@@ -202,12 +210,15 @@ def capture_block(
             if pos == 0:
                 k = len(shards)
                 count = min(config.shard_images, n - start)
-                shards.append({"inputs": f"inputs_{k:04d}.npy", "outputs": f"outputs_{k:04d}.npy",
-                               "count": count})
-                in_map = np.lib.format.open_memmap(out / shards[-1]["inputs"], mode="w+",
-                                                   dtype=store, shape=(count, *in_shape))
-                out_map = np.lib.format.open_memmap(out / shards[-1]["outputs"], mode="w+",
-                                                    dtype=store, shape=(count, *out_shape))
+                shards.append(
+                    {"inputs": f"inputs_{k:04d}.npy", "outputs": f"outputs_{k:04d}.npy", "count": count}
+                )
+                in_map = np.lib.format.open_memmap(
+                    out / shards[-1]["inputs"], mode="w+", dtype=store, shape=(count, *in_shape)
+                )
+                out_map = np.lib.format.open_memmap(
+                    out / shards[-1]["outputs"], mode="w+", dtype=store, shape=(count, *out_shape)
+                )
             in_map[pos : pos + b] = zin
             out_map[pos : pos + b] = zout
             if pos + b >= shards[-1]["count"]:
@@ -217,9 +228,17 @@ def capture_block(
         bar.close()
     finally:
         handle.remove()
-    manifest = {"format": _FORMAT, "format_version": _VERSION, "module": module,
-                "input_shape": list(in_shape), "output_shape": list(out_shape),
-                "dtype": config.dtype, "count": n, "shards": shards, "config": asdict(config)}
+    manifest = {
+        "format": _FORMAT,
+        "format_version": _VERSION,
+        "module": module,
+        "input_shape": list(in_shape),
+        "output_shape": list(out_shape),
+        "dtype": config.dtype,
+        "count": n,
+        "shards": shards,
+        "config": asdict(config),
+    }
     tmp = out / (_MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, out / _MANIFEST)

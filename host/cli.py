@@ -42,15 +42,31 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--quick", action="store_true", help="small slice; finishes in under a minute")
     demo.add_argument("--out", type=Path, default=Path("convexedge-demo"), help="output folder")
-    demo.add_argument("--data", type=Path, default=None,
-                      help="folder of train_*.npz / test_*.npz CIFAR shards (default: the bundled slice)")
-    demo.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                      help="torch device (auto: cuda when available)")
+    demo.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="folder of train_*.npz / test_*.npz CIFAR shards (default: the bundled slice)",
+    )
+    demo.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="torch device (auto: cuda when available)",
+    )
     demo.add_argument("--seed", type=int, default=0, help="seed of the gates and of the image sample")
-    demo.add_argument("--images", type=_positive_int, default=None,
-                      help="unlabeled training images to capture (default 1000, quick 200)")
-    demo.add_argument("--test-images", type=_positive_int, default=None,
-                      help="test images to evaluate on (default: all in the data folder, quick 500)")
+    demo.add_argument(
+        "--images",
+        type=_positive_int,
+        default=None,
+        help="unlabeled training images to capture (default 2000, quick 200)",
+    )
+    demo.add_argument(
+        "--test-images",
+        type=_positive_int,
+        default=None,
+        help="test images to evaluate on (default: all in the data folder, quick 500)",
+    )
     demo.add_argument("--float64", action="store_true", help="solve in float64 (default float32)")
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
@@ -64,11 +80,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from convexedge.host.demo import DemoOptions, run_demo
 
-            run_demo(DemoOptions(
-                quick=args.quick, out=str(args.out), data=None if args.data is None else str(args.data),
-                device=args.device, seed=args.seed, images=args.images, test_images=args.test_images,
-                dtype="float64" if args.float64 else "float32", progress=not args.no_progress,
-            ))
+            run_demo(
+                DemoOptions(
+                    quick=args.quick,
+                    out=str(args.out),
+                    data=None if args.data is None else str(args.data),
+                    device=args.device,
+                    seed=args.seed,
+                    images=args.images,
+                    test_images=args.test_images,
+                    dtype="float64" if args.float64 else "float32",
+                    progress=not args.no_progress,
+                )
+            )
         return 0
     except ConvexEdgeError as exc:
         print(f"convexedge: error: {exc}", file=sys.stderr)

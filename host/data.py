@@ -44,11 +44,13 @@ class ImageSet:
 
 def _check_images(x: np.ndarray, where: str, image_size: int) -> None:
     if x.dtype != np.uint8:
-        raise DataError(f"{where}: expected uint8 images in 0..255, got dtype {x.dtype}; "
-                        "store pixels as uint8 HWC")
+        raise DataError(
+            f"{where}: expected uint8 images in 0..255, got dtype {x.dtype}; store pixels as uint8 HWC"
+        )
     if x.ndim != 4 or x.shape[1:] != (image_size, image_size, 3):
-        raise DataError(f"{where}: expected images of shape (N, {image_size}, {image_size}, 3), "
-                        f"got {x.shape}")
+        raise DataError(
+            f"{where}: expected images of shape (N, {image_size}, {image_size}, 3), got {x.shape}"
+        )
 
 
 def _check_labels(y: np.ndarray, n: int, where: str, num_classes: int) -> None:

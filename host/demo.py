@@ -49,7 +49,7 @@ class DemoOptions:
     data: str | None = None  # folder of train_*/test_* shards; None = the bundled slice
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0  # gates and the choice of capture images
-    images: int | None = None  # unlabeled training images captured (quick 200, full 1000)
+    images: int | None = None  # unlabeled training images captured (quick 200, full 2000)
     test_images: int | None = None  # test images evaluated (quick 500, full: all)
     gates: int | None = None  # P, gate 0 being the linear path (quick 4, full 8)
     span: str = "layer3"  # module replaced by the student
@@ -71,7 +71,7 @@ class DemoOptions:
         """A copy with every ``None`` default filled in for the quick or full run."""
         q = self.quick
         fill = {
-            "images": self.images or (200 if q else 1000),
+            "images": self.images or (200 if q else 2000),
             "gates": self.gates or (4 if q else 8),
             "lam_ratios": self.lam_ratios or ((0.1, 0.01, 0.002) if q else (0.1, 0.03, 0.01, 0.003, 0.001)),
             "test_images": self.test_images or (500 if q else None),
@@ -107,8 +107,7 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
     teacher_logits = predict_logits(teacher, test.x, transform, device=device)
     teacher_top1 = top1(teacher_logits, test.y)
     eval_seconds = time.perf_counter() - t0
-    print(f"teacher ResNet-20: top-1 {100 * teacher_top1:.1f}% on {len(test)} test images "
-          f"({data_dir})")
+    print(f"teacher ResNet-20: top-1 {100 * teacher_top1:.1f}% on {len(test)} test images ({data_dir})")
 
     # 2. label-free capture of the span on unlabeled training images
     train = load_images(data_dir, "train", labels=False)
@@ -117,16 +116,22 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
     rng = np.random.default_rng(opt.seed)
     take = np.sort(rng.choice(len(train), size=min(opt.images, len(train)), replace=False))
     t0 = time.perf_counter()
-    shards = capture_block(teacher, opt.span, train.x[take], out / "activations", transform=transform,
-                           config=CaptureConfig(device=device), progress=opt.progress)
+    shards = capture_block(
+        teacher,
+        opt.span,
+        train.x[take],
+        out / "activations",
+        transform=transform,
+        config=CaptureConfig(device=device),
+        progress=opt.progress,
+    )
     capture_seconds = time.perf_counter() - t0
     z_in, z_out = shards.load("inputs"), shards.load("outputs")
     n_val = max(1, int(round(opt.val_fraction * len(take))))
     geom = infer_geometry(shards.input_shape, shards.output_shape, opt.kernel_size)
     spec, G = make_gates(geom.d, opt.gates, opt.seed)
     problem = build_conv_problem(z_in[:-n_val], z_out[:-n_val], geom, G, dtype=opt.dtype, device=device)
-    val_problem = build_conv_problem(z_in[-n_val:], z_out[-n_val:], geom, G, dtype=opt.dtype,
-                                     device=device)
+    val_problem = build_conv_problem(z_in[-n_val:], z_out[-n_val:], geom, G, dtype=opt.dtype, device=device)
     del z_in, z_out
 
     # 3. convex solves along the lam path
@@ -158,30 +163,53 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
         student = GatedConvStudent(p.result.V.float().cpu(), G, geom, output_relu=True).to(device)
         model = swapped(teacher, opt.span, student)
         acc = top1(predict_logits(model, test.x, transform, device=device), test.y)
-        rows.append({
-            "lam_ratio": p.lam_ratio, "lam": p.result.lam, "top1": acc,
-            "active_gates": p.active_gates, "iterations": p.result.iterations,
-            "converged": p.result.converged, "kkt_residual": p.result.kkt_residual,
-            "objective": p.result.objective, "val_loss": p.val_loss, "seconds": p.result.seconds,
-            "span_params": count_parameters(student, count_gates=True),
-            "span_params_gates_from_seed": count_parameters(student, count_gates=False),
-            "model_params": count_parameters(model), "span_macs": student.macs(in_hw),
-            "model_macs": count_macs(model, (3, *test.x.shape[1:3])),
-        })
+        rows.append(
+            {
+                "lam_ratio": p.lam_ratio,
+                "lam": p.result.lam,
+                "top1": acc,
+                "active_gates": p.active_gates,
+                "iterations": p.result.iterations,
+                "converged": p.result.converged,
+                "kkt_residual": p.result.kkt_residual,
+                "objective": p.result.objective,
+                "val_loss": p.val_loss,
+                "seconds": p.result.seconds,
+                "span_params": count_parameters(student, count_gates=True),
+                "span_params_gates_from_seed": count_parameters(student, count_gates=False),
+                "model_params": count_parameters(model),
+                "span_macs": student.macs(in_hw),
+                "model_macs": count_macs(model, (3, *test.x.shape[1:3])),
+            }
+        )
     best = rows[chosen_index]
     active = (chosen.result.V.flatten(1).abs().amax(1) > 0).cpu().numpy()
     weights, manifest = save_student(
-        out, "student", chosen.result.V.float().cpu().numpy()[active], G[:, active],
-        {"kind": "gated_conv", "span": opt.span, "geometry": geom.to_dict(), "gates": spec.to_dict(),
-         "active_gate_indices": np.flatnonzero(active).tolist(), "output_relu": True,
-         "lam": chosen.result.lam, "lam_ratio": chosen.lam_ratio,
-         "teacher": {"weights": TEACHER_WEIGHTS.name, "architecture": "resnet20"}},
+        out,
+        "student",
+        chosen.result.V.float().cpu().numpy()[active],
+        G[:, active],
+        {
+            "kind": "gated_conv",
+            "span": opt.span,
+            "geometry": geom.to_dict(),
+            "gates": spec.to_dict(),
+            "active_gate_indices": np.flatnonzero(active).tolist(),
+            "output_relu": True,
+            "lam": chosen.result.lam,
+            "lam_ratio": chosen.lam_ratio,
+            "teacher": {"weights": TEACHER_WEIGHTS.name, "architecture": "resnet20"},
+        },
     )
-    plot_convergence([(f"lam={p.lam_ratio:g} lam_max", p.result.history) for p in points],
-                     out / "convergence.png")
-    plot_accuracy_vs_params([(r["span_params"], r["top1"], f"{r['lam_ratio']:g}") for r in rows],
-                            (span_params_teacher, teacher_top1), out / "accuracy_vs_params.png",
-                            selected=chosen_index)
+    plot_convergence(
+        [(f"lam={p.lam_ratio:g} lam_max", p.result.history) for p in points], out / "convergence.png"
+    )
+    plot_accuracy_vs_params(
+        [(r["span_params"], r["top1"], f"{r['lam_ratio']:g}") for r in rows],
+        (span_params_teacher, teacher_top1),
+        out / "accuracy_vs_params.png",
+        selected=chosen_index,
+    )
 
     report = {
         "teacher_top1": teacher_top1,
@@ -208,25 +236,41 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
         "active_gates": best["active_gates"],
         "path": rows,
         "labels_read": "evaluation only: capture, solve and model selection are label-free",
-        "capture": {"images": int(len(take)), "held_out_images": n_val, "samples": problem.n,
-                    "features": problem.d, "outputs": problem.c, "gates": problem.P,
-                    "seconds": capture_seconds, "shards": str(shards.root)},
+        "capture": {
+            "images": int(len(take)),
+            "held_out_images": n_val,
+            "samples": problem.n,
+            "features": problem.d,
+            "outputs": problem.c,
+            "gates": problem.P,
+            "seconds": capture_seconds,
+            "shards": str(shards.root),
+        },
         "test_images": len(test),
         "eval_seconds_teacher": eval_seconds,
         "data": str(data_dir),
         "options": {**asdict(opt), "device": device},
-        "environment": {"torch": torch.__version__, "numpy": np.__version__,
-                        "python": platform.python_version(), "threads": torch.get_num_threads(),
-                        "machine": platform.machine(), "processor": platform.processor()},
-        "files": {"student_weights": weights, "student_manifest": manifest,
-                  "convergence_png": str(out / "convergence.png"),
-                  "accuracy_png": str(out / "accuracy_vs_params.png")},
+        "environment": {
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "python": platform.python_version(),
+            "threads": torch.get_num_threads(),
+            "machine": platform.machine(),
+            "processor": platform.processor(),
+        },
+        "files": {
+            "student_weights": weights,
+            "student_manifest": manifest,
+            "convergence_png": str(out / "convergence.png"),
+            "accuracy_png": str(out / "accuracy_vs_params.png"),
+        },
         "total_seconds": time.perf_counter() - t_start,
     }
     (out / "report.json").write_text(json.dumps(report, indent=1))
     print(_table(report))
-    print(f"wrote {out / 'report.json'}, {out / 'convergence.png'}, {out / 'accuracy_vs_params.png'}, "
-          f"{weights}")
+    print(
+        f"wrote {out / 'report.json'}, {out / 'convergence.png'}, {out / 'accuracy_vs_params.png'}, {weights}"
+    )
     return report
 
 
@@ -234,20 +278,38 @@ def _table(r: dict) -> str:
     k = 1000
     rows = [
         ("top-1", f"{100 * r['teacher_top1']:.1f}%", f"{100 * r['student_top1']:.1f}%"),
-        (f"params of {r['span']} (gates counted)", f"{r['span_params_teacher']:,}",
-         f"{r['span_params_student']:,} ({r['span_compression']:.1f}x smaller)"),
-        (f"params of {r['span']} (gates from seed)", f"{r['span_params_teacher']:,}",
-         f"{r['span_params_student_gates_from_seed']:,}"),
-        ("params of the whole model", f"{r['model_params_teacher']:,}",
-         f"{r['model_params_student']:,} ({r['model_compression']:.2f}x smaller)"),
-        (f"MACs of {r['span']} / image", f"{r['span_macs_teacher'] / k:,.0f}k",
-         f"{r['span_macs_student'] / k:,.0f}k"),
-        ("MACs of the whole model / image", f"{r['model_macs_teacher'] / k:,.0f}k",
-         f"{r['model_macs_student'] / k:,.0f}k"),
+        (
+            f"params of {r['span']} (gates counted)",
+            f"{r['span_params_teacher']:,}",
+            f"{r['span_params_student']:,} ({r['span_compression']:.1f}x smaller)",
+        ),
+        (
+            f"params of {r['span']} (gates from seed)",
+            f"{r['span_params_teacher']:,}",
+            f"{r['span_params_student_gates_from_seed']:,}",
+        ),
+        (
+            "params of the whole model",
+            f"{r['model_params_teacher']:,}",
+            f"{r['model_params_student']:,} ({r['model_compression']:.2f}x smaller)",
+        ),
+        (
+            f"MACs of {r['span']} / image",
+            f"{r['span_macs_teacher'] / k:,.0f}k",
+            f"{r['span_macs_student'] / k:,.0f}k",
+        ),
+        (
+            "MACs of the whole model / image",
+            f"{r['model_macs_teacher'] / k:,.0f}k",
+            f"{r['model_macs_student'] / k:,.0f}k",
+        ),
         ("active gates / lam", "", f"{r['active_gates']} / {r['lam_ratio']:g} lam_max"),
         ("solve time (whole lam path)", "", f"{r['solve_seconds']:.1f} s"),
         ("iterations (path / selected)", "", f"{r['solver_iterations']} / {r['selected_solve_iterations']}"),
-        ("final relative KKT residual", "", f"{r['kkt_residual']:.2e}"
-         + ("" if r["converged"] else " (not converged)")),
+        (
+            "final relative KKT residual",
+            "",
+            f"{r['kkt_residual']:.2e}" + ("" if r["converged"] else " (not converged)"),
+        ),
     ]
     return format_table(rows, ("", "teacher", "convex student"))

@@ -46,15 +46,19 @@ def infer_geometry(in_shape: Sequence[int], out_shape: Sequence[int], kernel_siz
     ``(H, W)`` to ``(H', W')``.
     """
     if len(in_shape) != 3 or len(out_shape) != 3:
-        raise DataError(f"conv students need (C, H, W) activations, got in {tuple(in_shape)}, "
-                        f"out {tuple(out_shape)}")
+        raise DataError(
+            f"conv students need (C, H, W) activations, got in {tuple(in_shape)}, out {tuple(out_shape)}"
+        )
     for stride in range(1, max(in_shape[1], 1) + 1):
-        geom = ConvGeometry(in_channels=in_shape[0], kernel_size=kernel_size, stride=stride,
-                            padding=kernel_size // 2)
+        geom = ConvGeometry(
+            in_channels=in_shape[0], kernel_size=kernel_size, stride=stride, padding=kernel_size // 2
+        )
         if geom.out_hw(in_shape[1], in_shape[2]) == tuple(out_shape[1:]):
             return geom
-    raise DataError(f"no {kernel_size}x{kernel_size} conv maps {tuple(in_shape)} to "
-                    f"{tuple(out_shape)}; pick an odd kernel_size")
+    raise DataError(
+        f"no {kernel_size}x{kernel_size} conv maps {tuple(in_shape)} to "
+        f"{tuple(out_shape)}; pick an odd kernel_size"
+    )
 
 
 def build_conv_problem(
@@ -80,8 +84,10 @@ def build_conv_problem(
     if z_in.shape[0] != z_out.shape[0]:
         raise DataError(f"{z_in.shape[0]} captured inputs but {z_out.shape[0]} outputs")
     if geom.out_hw(*z_in.shape[2:]) != tuple(z_out.shape[2:]):
-        raise DataError(f"geometry {geom} maps {z_in.shape[2:]} to {geom.out_hw(*z_in.shape[2:])}, "
-                        f"but the outputs are {z_out.shape[2:]}")
+        raise DataError(
+            f"geometry {geom} maps {z_in.shape[2:]} to {geom.out_hw(*z_in.shape[2:])}, "
+            f"but the outputs are {z_out.shape[2:]}"
+        )
     tdtype = torch.float64 if dtype == "float64" else torch.float32
     zin = torch.as_tensor(np.asarray(z_in), dtype=tdtype)
     Z = patch_matrix(zin, geom)
@@ -126,8 +132,13 @@ def fit_path(
             val = float(val_problem.smooth(res.V.to(val_problem.Z.device))[0])
         else:
             val = float("nan")
-        log.info("lam=%.3g lam_max: %d iterations, %d active gates, %.1fs", r, res.iterations,
-                 active, time.perf_counter() - t0)
+        log.info(
+            "lam=%.3g lam_max: %d iterations, %d active gates, %.1fs",
+            r,
+            res.iterations,
+            active,
+            time.perf_counter() - t0,
+        )
         points.append(PathPoint(lam_ratio=r, result=res, active_gates=active, val_loss=val))
     return points
 
@@ -173,8 +184,14 @@ def save_student(
         "format": "convexedge.student",
         "format_version": 1,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "arrays": {k: {"shape": list(a.shape), "dtype": str(a.dtype),
-                       "sha256": hashlib.sha256(a.tobytes()).hexdigest()} for k, a in arrays.items()},
+        "arrays": {
+            k: {
+                "shape": list(a.shape),
+                "dtype": str(a.dtype),
+                "sha256": hashlib.sha256(a.tobytes()).hexdigest(),
+            }
+            for k, a in arrays.items()
+        },
         **meta,
     }
     tmp = out / f"{name}.json.tmp"

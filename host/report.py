@@ -20,7 +20,8 @@ def plot_convergence(histories: Sequence[tuple[str, dict]], path: str | Path) ->
     """Objective suboptimality and relative KKT residual against iteration, one line per solve.
 
     Each history is a solver ``history`` dict with ``"objective"`` and ``"kkt"`` lists. The
-    suboptimality is measured against the best objective that solve reached.
+    suboptimality is measured against the best objective that solve reached (its last point,
+    where that gap is 0, is not drawn).
     """
     from matplotlib.figure import Figure
 
@@ -31,12 +32,13 @@ def plot_convergence(histories: Sequence[tuple[str, dict]], path: str | Path) ->
         if obj:
             best = min(obj)
             scale = abs(best) if best != 0 else 1.0  # absolute gap when the optimum is 0
-            gap = [max((o - best) / scale, 1e-16) for o in obj]
+            # the gap to the solve's own best point is 0 there by construction: leave that point out
+            gap = [max((o - best) / scale, 1e-16) for o in obj[:-1]]
             ax1.semilogy(range(1, len(gap) + 1), gap, label=label)
         kkt = hist.get("kkt", [])
         if kkt:
             ax2.semilogy(range(1, len(kkt) + 1), [max(k, 1e-16) for k in kkt], label=label)
-    ax1.set(xlabel="iteration", ylabel="(F - F_best) / F_best", title="objective")
+    ax1.set(xlabel="iteration", ylabel="(F - F_final) / F_final", title="objective")
     ax2.set(xlabel="iteration", ylabel="relative KKT residual", title="optimality")
     for ax in (ax1, ax2):
         ax.grid(True, which="both", alpha=0.3)
@@ -63,8 +65,12 @@ def plot_accuracy_vs_params(
     if selected is not None:
         ax.plot([xs[selected]], [ys[selected]], "s", ms=10, mfc="none", label="selected (val. loss)")
     ax.plot([teacher[0]], [100 * teacher[1]], "*", ms=14, label="teacher span")
-    ax.set(xscale="log", xlabel="parameters of the replaced span (gates counted)",
-           ylabel="top-1 (%)", title="accuracy vs parameters")
+    ax.set(
+        xscale="log",
+        xlabel="parameters of the replaced span (gates counted)",
+        ylabel="top-1 (%)",
+        title="accuracy vs parameters",
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=110)

@@ -102,8 +102,9 @@ class GatedConvStudent(nn.Module):
         super().__init__()
         V, G = _as_tensor(V), _as_tensor(G)
         if V.ndim != 3 or G.ndim != 2 or V.shape[1] != geom.d or G.shape != (geom.d, V.shape[0]):
-            raise ValueError(f"expected V (P, {geom.d}, c) and G ({geom.d}, P), got V {tuple(V.shape)}, "
-                             f"G {tuple(G.shape)}")
+            raise ValueError(
+                f"expected V (P, {geom.d}, c) and G ({geom.d}, P), got V {tuple(V.shape)}, G {tuple(G.shape)}"
+            )
         if drop_inactive:
             keep = V.flatten(1).abs().amax(1) > 0
             if not bool(keep.any()):
@@ -156,13 +157,15 @@ class GatedMLPStudent(nn.Module):
     Input (n, d) -> output (n, c).
     """
 
-    def __init__(self, V: np.ndarray | torch.Tensor, G: np.ndarray | torch.Tensor, *,
-                 drop_inactive: bool = True) -> None:
+    def __init__(
+        self, V: np.ndarray | torch.Tensor, G: np.ndarray | torch.Tensor, *, drop_inactive: bool = True
+    ) -> None:
         super().__init__()
         V, G = _as_tensor(V), _as_tensor(G)
         if V.ndim != 3 or G.ndim != 2 or G.shape != (V.shape[1], V.shape[0]):
-            raise ValueError(f"expected V (P, d+1, c) and G (d+1, P), got V {tuple(V.shape)}, "
-                             f"G {tuple(G.shape)}")
+            raise ValueError(
+                f"expected V (P, d+1, c) and G (d+1, P), got V {tuple(V.shape)}, G {tuple(G.shape)}"
+            )
         if drop_inactive:
             keep = V.flatten(1).abs().amax(1) > 0
             if not bool(keep.any()):

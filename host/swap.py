@@ -18,8 +18,10 @@ __all__ = ["swap_", "swapped"]
 def _parent_and_attr(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     names = dict(model.named_modules())
     if not name or name not in names:
-        raise DataError(f"module {name!r} not found in the model; top-level modules are "
-                        f"{[n for n in names if n and '.' not in n]}")
+        raise DataError(
+            f"module {name!r} not found in the model; top-level modules are "
+            f"{[n for n in names if n and '.' not in n]}"
+        )
     parent_name, _, attr = name.rpartition(".")
     return names[parent_name], attr
 

@@ -75,9 +75,7 @@ def teacher_normalization(manifest_path: Path = TEACHER_MANIFEST) -> tuple[list[
     return list(manifest["input"]["mean"]), list(manifest["input"]["std"])
 
 
-def load_teacher(
-    weights: Path = TEACHER_WEIGHTS, manifest_path: Path = TEACHER_MANIFEST
-) -> CifarResNet:
+def load_teacher(weights: Path = TEACHER_WEIGHTS, manifest_path: Path = TEACHER_MANIFEST) -> CifarResNet:
     """The bundled CIFAR-10 ResNet-20 in eval mode, weights verified against their manifest.
 
     Raises:

@@ -41,8 +41,7 @@ def direct(teacher, transform, images):
 def captured(teacher, transform, images, tmp_path_factory):
     """One float32 capture of layer3, shared by the read-only tests below."""
     out = tmp_path_factory.mktemp("cap_layer3")
-    return capture_block(teacher, "layer3", images, out, transform=transform, config=CFG,
-                         progress=False)
+    return capture_block(teacher, "layer3", images, out, transform=transform, config=CFG, progress=False)
 
 
 def _hooks(model: nn.Module) -> int:
@@ -50,14 +49,17 @@ def _hooks(model: nn.Module) -> int:
 
 
 # ------------------------------------------------------------------------------ oracle
-@pytest.mark.parametrize("module,in_shape,out_shape", [
-    ("layer3", (32, 16, 16), (64, 8, 8)),
-    ("layer3.2", (64, 8, 8), (64, 8, 8)),
-])
-def test_capture_matches_direct_forward(teacher, transform, images, direct, tmp_path, module,
-                                        in_shape, out_shape):
-    shards = capture_block(teacher, module, images, tmp_path, transform=transform, config=CFG,
-                           progress=False)
+@pytest.mark.parametrize(
+    "module,in_shape,out_shape",
+    [
+        ("layer3", (32, 16, 16), (64, 8, 8)),
+        ("layer3.2", (64, 8, 8), (64, 8, 8)),
+    ],
+)
+def test_capture_matches_direct_forward(
+    teacher, transform, images, direct, tmp_path, module, in_shape, out_shape
+):
+    shards = capture_block(teacher, module, images, tmp_path, transform=transform, config=CFG, progress=False)
     assert shards.module == module
     assert shards.input_shape == in_shape and shards.output_shape == out_shape
     assert shards.count == N
@@ -95,8 +97,9 @@ def test_reopen_and_load_limit(captured, direct):
 
 def test_float16_storage_close_to_float32(teacher, transform, images, direct, tmp_path):
     cfg = CaptureConfig(batch_size=10, shard_images=20, dtype="float16")
-    shards = capture_block(teacher, "layer3", images, tmp_path, transform=transform, config=cfg,
-                           progress=False)
+    shards = capture_block(
+        teacher, "layer3", images, tmp_path, transform=transform, config=cfg, progress=False
+    )
     assert shards.dtype == "float16"
     assert all(a.dtype == np.float16 for a in shards.arrays("inputs") + shards.arrays("outputs"))
     for which, ref in (("inputs", direct["layer3"][0]), ("outputs", direct["layer3"][1])):
@@ -108,18 +111,17 @@ def test_float16_storage_close_to_float32(teacher, transform, images, direct, tm
 
 def test_batch_not_dividing_count(teacher, transform, images, direct, tmp_path):
     cfg = CaptureConfig(batch_size=4, shard_images=8)
-    shards = capture_block(teacher, "layer3", images[:13], tmp_path, transform=transform,
-                           config=cfg, progress=False)
+    shards = capture_block(
+        teacher, "layer3", images[:13], tmp_path, transform=transform, config=cfg, progress=False
+    )
     assert [c for _, _, c in shards.shards] == [8, 5]
-    np.testing.assert_allclose(shards.load("inputs"), direct["layer3"][0][:13], rtol=1e-6,
-                               atol=1e-6)
+    np.testing.assert_allclose(shards.load("inputs"), direct["layer3"][0][:13], rtol=1e-6, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------ hygiene
 def test_model_unchanged_and_no_hooks_left(teacher, transform, images, tmp_path):
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    capture_block(teacher, "layer3.2", images[:10], tmp_path, transform=transform, config=CFG,
-                  progress=False)
+    capture_block(teacher, "layer3.2", images[:10], tmp_path, transform=transform, config=CFG, progress=False)
     assert _hooks(teacher) == 0
     assert teacher.layer3._forward_hooks == {} and teacher.layer3[2]._forward_hooks == {}
     after = teacher.state_dict()
@@ -132,8 +134,7 @@ def test_hook_removed_when_transform_fails(teacher, images, tmp_path):
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        capture_block(teacher, "layer3", images, tmp_path, transform=broken, config=CFG,
-                      progress=False)
+        capture_block(teacher, "layer3", images, tmp_path, transform=broken, config=CFG, progress=False)
     assert _hooks(teacher) == 0
     assert not (tmp_path / "manifest.json").exists()
 
@@ -141,25 +142,33 @@ def test_hook_removed_when_transform_fails(teacher, images, tmp_path):
 # ------------------------------------------------------------------------------ errors
 def test_unknown_module(teacher, transform, images, tmp_path):
     with pytest.raises(DataError, match=r"module 'layer9' not found.*'layer3'"):
-        capture_block(teacher, "layer9", images, tmp_path, transform=transform, config=CFG,
-                      progress=False)
+        capture_block(teacher, "layer9", images, tmp_path, transform=transform, config=CFG, progress=False)
 
 
-@pytest.mark.parametrize("bad", [
-    np.zeros((2, 32, 32, 3), np.float32),
-    np.zeros((32, 32, 3), np.uint8),
-    [[0]],
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        np.zeros((2, 32, 32, 3), np.float32),
+        np.zeros((32, 32, 3), np.uint8),
+        [[0]],
+    ],
+)
 def test_non_uint8_images(teacher, transform, tmp_path, bad):
     with pytest.raises(DataError, match=r"expected images as an \(N, H, W, C\) uint8 array"):
-        capture_block(teacher, "layer3", bad, tmp_path, transform=transform, config=CFG,
-                      progress=False)
+        capture_block(teacher, "layer3", bad, tmp_path, transform=transform, config=CFG, progress=False)
 
 
 def test_empty_images(teacher, transform, tmp_path):
     with pytest.raises(DataError, match="no images to capture"):
-        capture_block(teacher, "layer3", np.zeros((0, 32, 32, 3), np.uint8), tmp_path,
-                      transform=transform, config=CFG, progress=False)
+        capture_block(
+            teacher,
+            "layer3",
+            np.zeros((0, 32, 32, 3), np.uint8),
+            tmp_path,
+            transform=transform,
+            config=CFG,
+            progress=False,
+        )
 
 
 def test_module_that_does_not_run(tmp_path):
@@ -173,18 +182,27 @@ def test_module_that_does_not_run(tmp_path):
 
     model = Net()
     with pytest.raises(DataError, match="did not run in the model's forward pass"):
-        capture_block(model, "unused", np.zeros((2, 2, 2, 3), np.uint8), tmp_path,
-                      transform=lambda x: x.astype(np.float32), config=CaptureConfig(batch_size=2,
-                      shard_images=2), progress=False)
+        capture_block(
+            model,
+            "unused",
+            np.zeros((2, 2, 2, 3), np.uint8),
+            tmp_path,
+            transform=lambda x: x.astype(np.float32),
+            config=CaptureConfig(batch_size=2, shard_images=2),
+            progress=False,
+        )
     assert _hooks(model) == 0
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"batch_size": 0}, "batch_size and shard_images must be >= 1"),
-    ({"shard_images": 0}, "batch_size and shard_images must be >= 1"),
-    ({"dtype": "bfloat16"}, "dtype must be 'float32' or 'float16'"),
-    ({"batch_size": 3, "shard_images": 10}, r"must be a multiple of batch_size \(3\)"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"batch_size": 0}, "batch_size and shard_images must be >= 1"),
+        ({"shard_images": 0}, "batch_size and shard_images must be >= 1"),
+        ({"dtype": "bfloat16"}, "dtype must be 'float32' or 'float16'"),
+        ({"batch_size": 3, "shard_images": 10}, r"must be a multiple of batch_size \(3\)"),
+    ],
+)
 def test_capture_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         CaptureConfig(**kwargs)
@@ -238,8 +256,8 @@ def test_open_missing_shard(capture_copy):
 
 
 def test_recapture_overwrites(teacher, transform, images, direct, captured, capture_copy):
-    shards = capture_block(teacher, "layer3.2", images[:10], capture_copy, transform=transform,
-                           config=CFG, progress=False)
+    shards = capture_block(
+        teacher, "layer3.2", images[:10], capture_copy, transform=transform, config=CFG, progress=False
+    )
     assert shards.module == "layer3.2" and shards.count == 10 and len(shards.shards) == 1
-    np.testing.assert_allclose(shards.load("inputs"), direct["layer3.2"][0][:10], rtol=1e-6,
-                               atol=1e-6)
+    np.testing.assert_allclose(shards.load("inputs"), direct["layer3.2"][0][:10], rtol=1e-6, atol=1e-6)

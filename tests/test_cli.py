@@ -9,8 +9,9 @@ from convexedge.host.cli import main
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "convexedge.host.cli", *args],
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "convexedge.host.cli", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.mark.parametrize(
@@ -32,8 +33,9 @@ def test_bad_arguments_exit_2_with_one_line(args, message):
 
 
 def test_missing_data_folder_is_one_clear_line(tmp_path, capsys):
-    status = main(["demo", "--quick", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o"),
-                   "--no-progress"])
+    status = main(
+        ["demo", "--quick", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--no-progress"]
+    )
     assert status == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not exist" in err[0]
@@ -43,8 +45,7 @@ def test_bad_shard_is_one_clear_line(tmp_path, capsys):
     import numpy as np
 
     np.savez(tmp_path / "test_00.npz", x=np.zeros((4, 32, 32, 3), np.float32), y=np.zeros(4, np.int64))
-    status = main(["demo", "--quick", "--data", str(tmp_path), "--out", str(tmp_path / "o"),
-                   "--no-progress"])
+    status = main(["demo", "--quick", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--no-progress"])
     assert status == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "uint8" in err[0]

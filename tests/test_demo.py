@@ -7,8 +7,15 @@ import pytest
 
 from convexedge.host.cli import main
 
-REQUIRED = ["teacher_top1", "student_top1", "span_params_teacher", "span_params_student",
-            "solve_seconds", "solver_iterations", "kkt_residual"]
+REQUIRED = [
+    "teacher_top1",
+    "student_top1",
+    "span_params_teacher",
+    "span_params_student",
+    "solve_seconds",
+    "solver_iterations",
+    "kkt_residual",
+]
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +29,21 @@ def demo_run(tmp_path_factory):
     with np.load(BUNDLED_DATA_DIR / "test_0000_0999.npz") as te:
         np.savez(data / "test_00.npz", x=te["x"][:80], y=te["y"][:80])
     out = tmp_path_factory.mktemp("out")
-    status = main(["demo", "--quick", "--data", str(data), "--out", str(out), "--images", "48",
-                   "--no-progress", "--seed", "1"])
+    status = main(
+        [
+            "demo",
+            "--quick",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--images",
+            "48",
+            "--no-progress",
+            "--seed",
+            "1",
+        ]
+    )
     return status, out, data
 
 
@@ -60,8 +80,9 @@ def test_saved_student_reproduces_reported_accuracy(demo_run):
         V, G = npz["V"], npz["G"]
     for name, arr in (("V", V), ("G", G)):
         assert hashlib.sha256(arr.tobytes()).hexdigest() == manifest["arrays"][name]["sha256"]
-    student = GatedConvStudent(V, G, ConvGeometry(**manifest["geometry"]),
-                               output_relu=manifest["output_relu"])
+    student = GatedConvStudent(
+        V, G, ConvGeometry(**manifest["geometry"]), output_relu=manifest["output_relu"]
+    )
     model = swapped(load_teacher(), manifest["span"], student)
     mean, std = teacher_normalization()
     test = load_images(data, "test")

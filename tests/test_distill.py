@@ -37,12 +37,15 @@ def test_infer_geometry_layer3():
     assert geom == ConvGeometry(in_channels=32, kernel_size=3, stride=2, padding=1)
 
 
-@pytest.mark.parametrize("in_shape,out_shape,k,expect", [
-    ((16, 32, 32), (16, 32, 32), 3, (1, 1)),
-    ((4, 6, 6), (8, 6, 6), 5, (1, 2)),
-    ((4, 10, 10), (8, 5, 5), 3, (2, 1)),
-    ((4, 8, 8), (8, 8, 8), 1, (1, 0)),
-])
+@pytest.mark.parametrize(
+    "in_shape,out_shape,k,expect",
+    [
+        ((16, 32, 32), (16, 32, 32), 3, (1, 1)),
+        ((4, 6, 6), (8, 6, 6), 5, (1, 2)),
+        ((4, 10, 10), (8, 5, 5), 3, (2, 1)),
+        ((4, 8, 8), (8, 8, 8), 1, (1, 0)),
+    ],
+)
 def test_infer_geometry_maps_shapes(in_shape, out_shape, k, expect):
     geom = infer_geometry(in_shape, out_shape, kernel_size=k)
     assert (geom.stride, geom.padding) == expect and geom.in_channels == in_shape[0]
@@ -54,11 +57,14 @@ def test_infer_geometry_odd_input_size():
     assert (geom.stride, geom.padding) == (2, 1)
 
 
-@pytest.mark.parametrize("in_shape,out_shape,k", [
-    ((32, 16, 16), (64, 5, 5), 3),
-    ((32, 16, 16), (64, 16, 16), 2),
-    ((32, 8, 8), (64, 16, 16), 3),
-])
+@pytest.mark.parametrize(
+    "in_shape,out_shape,k",
+    [
+        ((32, 16, 16), (64, 5, 5), 3),
+        ((32, 16, 16), (64, 16, 16), 2),
+        ((32, 8, 8), (64, 16, 16), 3),
+    ],
+)
 def test_infer_geometry_impossible(in_shape, out_shape, k):
     with pytest.raises(DataError, match=f"no {k}x{k} conv maps"):
         infer_geometry(in_shape, out_shape, kernel_size=k)
@@ -126,8 +132,13 @@ def synthetic_path():
     prob = build_conv_problem(z_in[:4], z_out[:4], geom, G, dtype="float64")
     val = build_conv_problem(z_in[4:], z_out[4:], geom, G, dtype="float64")
     calls = []
-    points = fit_path(prob, RATIOS, FistaConfig(tol=TOL, max_iter=5000), val_problem=val,
-                      on_iteration=lambda it, f, kkt: calls.append((it, f, kkt)))
+    points = fit_path(
+        prob,
+        RATIOS,
+        FistaConfig(tol=TOL, max_iter=5000),
+        val_problem=val,
+        on_iteration=lambda it, f, kkt: calls.append((it, f, kkt)),
+    )
     return geom, G, z_in, prob, val, points, calls
 
 
@@ -239,8 +250,9 @@ def test_select_by_validation_empty():
 def test_save_student(tmp_path):
     rng = np.random.default_rng(0)
     V, G = rng.standard_normal((3, 10, 2)), rng.standard_normal((10, 3))  # float64 in
-    npz_path, json_path = save_student(str(tmp_path / "out"), "student", V, G,
-                                       {"module": "layer3", "lam": 0.1})
+    npz_path, json_path = save_student(
+        str(tmp_path / "out"), "student", V, G, {"module": "layer3", "lam": 0.1}
+    )
     assert npz_path.endswith("student.npz") and json_path.endswith("student.json")
     with np.load(npz_path, allow_pickle=False) as npz:
         arrays = {k: npz[k] for k in npz.files}

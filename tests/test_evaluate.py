@@ -78,13 +78,16 @@ def test_count_parameters_mlp_student():
 
 
 # ------------------------------------------------------------------------------ MACs
-@pytest.mark.parametrize("cin,cout,k,s,p,groups,hw", [
-    (3, 8, 3, 1, 1, 1, 10),
-    (3, 8, 3, 2, 1, 1, 10),
-    (4, 6, 5, 1, 0, 1, 9),
-    (4, 8, 3, 1, 1, 2, 7),
-    (6, 6, 1, 1, 0, 1, 4),
-])
+@pytest.mark.parametrize(
+    "cin,cout,k,s,p,groups,hw",
+    [
+        (3, 8, 3, 1, 1, 1, 10),
+        (3, 8, 3, 2, 1, 1, 10),
+        (4, 6, 5, 1, 0, 1, 9),
+        (4, 8, 3, 1, 1, 2, 7),
+        (6, 6, 1, 1, 0, 1, 4),
+    ],
+)
 def test_count_macs_conv2d(cin, cout, k, s, p, groups, hw):
     conv = nn.Conv2d(cin, cout, k, s, p, groups=groups)
     ho = (hw + 2 * p - k) // s + 1
@@ -93,8 +96,13 @@ def test_count_macs_conv2d(cin, cout, k, s, p, groups, hw):
 
 def test_count_macs_linear_and_sequence():
     assert count_macs(nn.Linear(5, 7), (5,)) == 35
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, 1, 1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
-                          nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, 1, 1, bias=False),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 6 * 6, 10),
+    )
     assert count_macs(model, (3, 6, 6)) == 4 * 36 * 27 + 144 * 10
 
 

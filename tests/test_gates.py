@@ -73,11 +73,14 @@ def test_spec_to_dict_is_json_round_trippable():
     assert GateSpec(**d) == spec
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"kind": "uniform", "d": 3, "P": 2}, "gate kind must be 'gaussian' or 'array'"),
-    ({"d": 0, "P": 2}, "gates need d >= 1 and P >= 1, got d=0, P=2"),
-    ({"d": 3, "P": 0}, "gates need d >= 1 and P >= 1, got d=3, P=0"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"kind": "uniform", "d": 3, "P": 2}, "gate kind must be 'gaussian' or 'array'"),
+        ({"d": 0, "P": 2}, "gates need d >= 1 and P >= 1, got d=0, P=2"),
+        ({"d": 3, "P": 0}, "gates need d >= 1 and P >= 1, got d=3, P=0"),
+    ],
+)
 def test_spec_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         GateSpec(**kwargs)

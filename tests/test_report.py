@@ -69,8 +69,8 @@ def test_plots_leave_matplotlib_global_state_alone(tmp_path):
 import sys, matplotlib
 backend = matplotlib.rcParams._get("backend")  # raw value; get_backend() would import pyplot
 from convexedge.host.report import plot_accuracy_vs_params, plot_convergence
-plot_convergence([("a", {{"objective": [2.0, 1.0], "kkt": [1.0, 0.1]}})], {str(tmp_path / 'c.png')!r})
-plot_accuracy_vs_params([(10, 0.5, "x")], (100, 0.9), {str(tmp_path / 'a.png')!r})
+plot_convergence([("a", {{"objective": [2.0, 1.0], "kkt": [1.0, 0.1]}})], {str(tmp_path / "c.png")!r})
+plot_accuracy_vs_params([(10, 0.5, "x")], (100, 0.9), {str(tmp_path / "a.png")!r})
 assert "matplotlib.pyplot" not in sys.modules, "pyplot imported"
 assert matplotlib.rcParams._get("backend") == backend, "backend switched"
 """

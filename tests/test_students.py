@@ -79,8 +79,13 @@ def test_conv_student_output_relu(k, s, p):
 @settings(max_examples=25, deadline=None)
 @given(
     geo=st.sampled_from(GEOMETRIES),
-    B=st.integers(1, 3), C=st.integers(1, 4), H=st.integers(5, 10), W=st.integers(5, 10),
-    c=st.integers(1, 4), P=st.integers(1, 6), seed=st.integers(0, 2**31),
+    B=st.integers(1, 3),
+    C=st.integers(1, 4),
+    H=st.integers(5, 10),
+    W=st.integers(5, 10),
+    c=st.integers(1, 4),
+    P=st.integers(1, 6),
+    seed=st.integers(0, 2**31),
 )
 def test_conv_student_equals_matrix_form_property(geo, B, C, H, W, c, P, seed):
     k, s, p = geo
@@ -111,8 +116,7 @@ def test_solution_inverts_constructor():
 
 
 def test_all_zero_student_keeps_one_gate_and_outputs_zero():
-    geom, z, G, V = _case(B=2, C=2, H=5, W=5, c=3, P=4, k=3, s=1, p=1, seed=6,
-                          zero_gates=(0, 1, 2, 3))
+    geom, z, G, V = _case(B=2, C=2, H=5, W=5, c=3, P=4, k=3, s=1, p=1, seed=6, zero_gates=(0, 1, 2, 3))
     student = GatedConvStudent(V, G, geom)
     assert student.num_gates == 1
     with torch.no_grad():
@@ -135,22 +139,30 @@ def test_num_parameters_and_macs():
 
 
 # ------------------------------------------------------------------------------ errors
-@pytest.mark.parametrize("V_shape,G_shape", [
-    ((4, 28, 2), (27, 4)),   # V has the wrong patch dimension
-    ((4, 28, 2), (28, 3)),   # G has the wrong number of gates
-    ((4, 28), (28, 4)),      # V is not 3-D
-    ((4, 28, 2), (28, 4, 1)),  # G is not 2-D
-])
+@pytest.mark.parametrize(
+    "V_shape,G_shape",
+    [
+        ((4, 28, 2), (27, 4)),  # V has the wrong patch dimension
+        ((4, 28, 2), (28, 3)),  # G has the wrong number of gates
+        ((4, 28), (28, 4)),  # V is not 3-D
+        ((4, 28, 2), (28, 4, 1)),  # G is not 2-D
+    ],
+)
 def test_conv_student_shape_mismatch(V_shape, G_shape):
     geom = ConvGeometry(in_channels=3)
     with pytest.raises(ValueError, match=r"expected V \(P, 28, c\) and G \(28, P\)"):
         GatedConvStudent(np.zeros(V_shape), np.zeros(G_shape), geom)
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"in_channels": 0}, {"in_channels": 3, "kernel_size": 0}, {"in_channels": 3, "stride": 0},
-    {"in_channels": 3, "padding": -1},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"in_channels": 0},
+        {"in_channels": 3, "kernel_size": 0},
+        {"in_channels": 3, "stride": 0},
+        {"in_channels": 3, "padding": -1},
+    ],
+)
 def test_conv_geometry_validation(kwargs):
     with pytest.raises(ValueError, match="invalid conv geometry"):
         ConvGeometry(**kwargs)
