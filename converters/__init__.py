@@ -1,8 +1,11 @@
-"""convexedge.converters: export compressed models and device heads (ONNX, TFLite, C arrays).
+"""convexedge.converters: export compressed models to deployable formats and prove parity.
 
 Contract: importing this package never imports onnx, onnxruntime or tensorflow; each converter
-imports its library inside the function that needs it. The converters themselves arrive with the
-export issue; until then this package holds no public names.
+imports its library inside the function that needs it (install them with the ``export`` extra).
+ONNX (fp32, opset 18, dynamic batch) is here; TFLite fp32/int8 and the C head are open work.
 """
 
-__all__: list[str] = []
+from convexedge.converters.onnx import export_onnx, onnx_ops, run_onnx
+from convexedge.converters.parity import ParityResult, compare_outputs
+
+__all__ = ["ParityResult", "compare_outputs", "export_onnx", "onnx_ops", "run_onnx"]

@@ -1,4 +1,4 @@
-"""The ``convexedge`` command line: ``convexedge demo`` now; other subcommands arrive with their issues.
+"""The ``convexedge`` command line: ``demo`` and ``export``; others arrive with their issues.
 
 Bad arguments, a bad file or bad data print one line on stderr and exit with status 2 (no
 traceback); an interrupt (Ctrl-C) exits 130.
@@ -69,6 +69,17 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--float64", action="store_true", help="solve in float64 (default float32)")
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    exp = sub.add_parser(
+        "export",
+        help="export the teacher or a demo's compressed model to ONNX and check parity",
+        description="Rebuild MODEL ('teacher' or a folder written by `convexedge demo`), export it, "
+        "and compare the export with torch on the test images (parity.json).",
+    )
+    exp.add_argument("model", help="'teacher' or a `convexedge demo` output folder")
+    exp.add_argument("--format", choices=["onnx"], default="onnx", help="export format")
+    exp.add_argument("--out", type=Path, default=Path("convexedge-export"), help="output folder")
+    exp.add_argument("--data", type=Path, default=None, help="folder of test_*.npz shards (default: bundled)")
+    exp.add_argument("--test-images", type=_positive_int, default=None, help="test images for parity")
     return parser
 
 
@@ -93,7 +104,25 @@ def main(argv: list[str] | None = None) -> int:
                     progress=not args.no_progress,
                 )
             )
+        elif args.command == "export":
+            from convexedge.converters.export import ExportOptions, run_export
+
+            run_export(
+                ExportOptions(
+                    model=args.model,
+                    format=args.format,
+                    out=str(args.out),
+                    data=None if args.data is None else str(args.data),
+                    test_images=args.test_images,
+                )
+            )
         return 0
+    except ImportError as exc:
+        print(
+            f"convexedge: error: {exc.name or exc} is not installed; pip install 'convexedge[export]'",
+            file=sys.stderr,
+        )
+        return 2
     except ConvexEdgeError as exc:
         print(f"convexedge: error: {exc}", file=sys.stderr)
         return 2

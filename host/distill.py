@@ -21,16 +21,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from convexedge.device.errors import DataError
+from convexedge.device.errors import ArtifactError, DataError
 from convexedge.host.gates import GateSpec, gate_masks, sample_gates
 from convexedge.host.solvers import FistaConfig, GatedProblem, SolveResult, solve
-from convexedge.host.students import ConvGeometry, image_to_rows, patch_matrix
+from convexedge.host.students import ConvGeometry, GatedConvStudent, image_to_rows, patch_matrix
 
 __all__ = [
     "PathPoint",
     "build_conv_problem",
     "fit_path",
     "infer_geometry",
+    "load_compressed_model",
+    "load_student",
     "make_gates",
     "save_student",
     "select_by_validation",
@@ -198,3 +200,68 @@ def save_student(
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, out / f"{name}.json")
     return str(out / f"{name}.npz"), str(out / f"{name}.json")
+
+
+def load_student(folder: str, name: str = "student") -> tuple[GatedConvStudent, dict]:
+    """Read what :func:`save_student` wrote, checking format, shapes, dtypes and SHA-256.
+
+    Returns:
+        The :class:`GatedConvStudent` and its manifest.
+
+    Raises:
+        ArtifactError: a file is missing, unreadable, of another format/version, or an array does
+            not match the manifest.
+    """
+    import hashlib
+    import json
+    import zipfile
+    from pathlib import Path
+
+    root = Path(folder)
+    try:
+        manifest = json.loads((root / f"{name}.json").read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"{root / (name + '.json')} not found: not a convexedge student folder") from None
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{root / (name + '.json')} is not valid JSON ({exc})") from None
+    if manifest.get("format") != "convexedge.student" or manifest.get("format_version") != 1:
+        raise ArtifactError(
+            f"{root / (name + '.json')}: expected convexedge.student version 1, got "
+            f"{manifest.get('format')!r} version {manifest.get('format_version')!r}"
+        )
+    try:
+        with np.load(root / f"{name}.npz", allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in ("V", "G")}
+    except (FileNotFoundError, KeyError, ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise ArtifactError(f"{root / (name + '.npz')}: missing, truncated or incomplete ({exc})") from None
+    for key, arr in arrays.items():
+        spec = manifest["arrays"][key]
+        if list(arr.shape) != spec["shape"] or str(arr.dtype) != spec["dtype"]:
+            raise ArtifactError(
+                f"{name}.npz: {key} is {arr.dtype}{list(arr.shape)}, manifest says "
+                f"{spec['dtype']}{spec['shape']}"
+            )
+        if hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest() != spec["sha256"]:
+            raise ArtifactError(f"{name}.npz: SHA-256 of {key} does not match the manifest")
+    student = GatedConvStudent(
+        arrays["V"],
+        arrays["G"],
+        ConvGeometry(**manifest["geometry"]),
+        output_relu=bool(manifest.get("output_relu", False)),
+    )
+    return student, manifest
+
+
+def load_compressed_model(folder: str, name: str = "student") -> torch.nn.Module:
+    """The bundled teacher with the saved student swapped in at its span, in eval mode."""
+    from convexedge.host.swap import swapped
+    from convexedge.models import TEACHER_WEIGHTS, load_teacher
+
+    student, manifest = load_student(folder, name)
+    teacher = manifest.get("teacher", {})
+    if teacher.get("weights") != TEACHER_WEIGHTS.name:
+        raise ArtifactError(
+            f"{folder}: the student was fitted for teacher {teacher!r}; only the bundled "
+            f"{TEACHER_WEIGHTS.name} can be rebuilt here"
+        )
+    return swapped(load_teacher(), manifest["span"], student).eval()

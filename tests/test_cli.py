@@ -63,3 +63,10 @@ def test_cuda_requested_without_gpu(tmp_path, capsys):
 def test_help_lists_demo():
     proc = run_cli("--help")
     assert proc.returncode == 0 and "demo" in proc.stdout
+
+
+def test_export_of_a_folder_without_student_is_one_line(tmp_path, capsys):
+    status = main(["export", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert status == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a convexedge student folder" in err[0]

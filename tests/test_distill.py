@@ -268,3 +268,63 @@ def test_save_student(tmp_path):
         assert entry["shape"] == list(arr.shape)
         assert entry["sha256"] == hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
     assert not list((tmp_path / "out").glob("*.tmp"))
+
+
+# ---- load_student / load_compressed_model: the artifact save_student writes, read back checked ----
+
+
+def _saved(tmp_path, teacher_weights="resnet20_cifar10.npz"):
+    from convexedge.host.distill import make_gates, save_student
+    from convexedge.host.students import ConvGeometry
+
+    geom = ConvGeometry(in_channels=32, kernel_size=3, stride=2, padding=1)
+    spec, G = make_gates(geom.d, 2, seed=0)
+    V = np.random.default_rng(0).standard_normal((2, geom.d, 64)).astype(np.float32)
+    save_student(
+        str(tmp_path),
+        "student",
+        V,
+        G,
+        {
+            "span": "layer3",
+            "geometry": geom.to_dict(),
+            "gates": spec.to_dict(),
+            "output_relu": True,
+            "teacher": {"weights": teacher_weights},
+        },
+    )
+    return V, G
+
+
+def test_load_student_round_trip(tmp_path):
+    from convexedge.host.distill import load_student
+
+    V, G = _saved(tmp_path)
+    student, manifest = load_student(str(tmp_path))
+    assert torch.allclose(student.solution(), torch.from_numpy(V))
+    assert manifest["span"] == "layer3" and student.output_relu
+
+
+def test_load_student_refuses_tampered_and_missing(tmp_path):
+    import json
+
+    from convexedge.device.errors import ArtifactError
+    from convexedge.host.distill import load_compressed_model, load_student
+
+    with pytest.raises(ArtifactError, match="not found"):
+        load_student(str(tmp_path))
+    V, G = _saved(tmp_path)
+    np.savez(tmp_path / "student.npz", V=V + 1, G=G)
+    with pytest.raises(ArtifactError, match="SHA-256"):
+        load_student(str(tmp_path))
+    (tmp_path / "student.npz").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ArtifactError, match="truncated"):
+        load_student(str(tmp_path))
+    manifest = json.loads((tmp_path / "student.json").read_text())
+    (tmp_path / "student.json").write_text(json.dumps({**manifest, "format_version": 9}))
+    with pytest.raises(ArtifactError, match="version 1"):
+        load_student(str(tmp_path))
+    other = tmp_path / "other"
+    _saved(other, teacher_weights="someone_else.npz")
+    with pytest.raises(ArtifactError, match="only the bundled"):
+        load_compressed_model(str(other))
