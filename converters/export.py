@@ -16,14 +16,14 @@ class ExportOptions:
     """Settings of ``convexedge export``."""
 
     model: str  # "teacher" (the bundled ResNet-20) or a folder written by `convexedge demo`
-    format: Literal["onnx"] = "onnx"
+    format: Literal["onnx", "tflite"] = "onnx"
     out: str = "convexedge-export"
     data: str | None = None  # folder of test_*.npz shards for the parity check; None = bundled
     test_images: int | None = None  # None = all test images of the folder
 
     def __post_init__(self) -> None:
-        if self.format != "onnx":
-            raise ValueError(f"format must be 'onnx', got {self.format!r}")
+        if self.format not in ("onnx", "tflite"):
+            raise ValueError(f"format must be 'onnx' or 'tflite', got {self.format!r}")
 
 
 def run_export(opt: ExportOptions) -> dict:
@@ -33,6 +33,7 @@ def run_export(opt: ExportOptions) -> dict:
 
     from convexedge.converters.onnx import export_onnx, onnx_ops, run_onnx
     from convexedge.converters.parity import compare_outputs
+    from convexedge.converters.tflite import export_tflite, run_tflite, tflite_ops
     from convexedge.host.data import load_images, normalize_images
     from convexedge.host.distill import load_compressed_model
     from convexedge.models import BUNDLED_DATA_DIR, load_teacher, teacher_normalization
@@ -41,20 +42,23 @@ def run_export(opt: ExportOptions) -> dict:
     out = Path(opt.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    path = export_onnx(model, out / "model.onnx")
+    if opt.format == "onnx":
+        path, run, ops = export_onnx(model, out / "model.onnx"), run_onnx, onnx_ops
+    else:
+        path, run, ops = export_tflite(model, out / "model.tflite"), run_tflite, tflite_ops
     export_seconds = time.perf_counter() - t0
     mean, std = teacher_normalization()
     test = load_images(Path(opt.data) if opt.data else BUNDLED_DATA_DIR, "test", limit=opt.test_images)
     x = normalize_images(test.x, mean, std)
     with torch.no_grad():
         ref = np.concatenate([model(torch.from_numpy(x[i : i + 500])).numpy() for i in range(0, len(x), 500)])
-    parity = compare_outputs(ref, run_onnx(path, x), test.y)
+    parity = compare_outputs(ref, run(path, x), test.y)
     report = {
         "model": opt.model,
         "format": opt.format,
         "file": str(path),
         "bytes": path.stat().st_size,
-        "ops": onnx_ops(path),
+        "ops": ops(path),
         "export_seconds": export_seconds,
         "parity": parity.to_dict(),
         "options": asdict(opt),

@@ -71,12 +71,17 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     exp = sub.add_parser(
         "export",
-        help="export the teacher or a demo's compressed model to ONNX and check parity",
+        help="export the teacher or a demo's compressed model (ONNX, TFLite) and check parity",
         description="Rebuild MODEL ('teacher' or a folder written by `convexedge demo`), export it, "
         "and compare the export with torch on the test images (parity.json).",
     )
     exp.add_argument("model", help="'teacher' or a `convexedge demo` output folder")
-    exp.add_argument("--format", choices=["onnx"], default="onnx", help="export format")
+    exp.add_argument(
+        "--format",
+        choices=["onnx", "tflite"],
+        default="onnx",
+        help="onnx (fp32, opset 18) or tflite (fp32; needs the [tflite] extra)",
+    )
     exp.add_argument("--out", type=Path, default=Path("convexedge-export"), help="output folder")
     exp.add_argument("--data", type=Path, default=None, help="folder of test_*.npz shards (default: bundled)")
     exp.add_argument("--test-images", type=_positive_int, default=None, help="test images for parity")
