@@ -250,7 +250,7 @@ def test_config_validation(kwargs, match):
 
 def test_solve_rejects_unknown_method_and_bad_lam():
     prob = make_problem()
-    with pytest.raises(ValueError, match=r"method must be one of \('fista',\), got 'adam'"):
-        solve(prob, 0.1, method="adam")
+    with pytest.raises(ValueError, match=r"method must be one of \('fista', 'adam', 'pyscnn'\), got 'lbfgs'"):
+        solve(prob, 0.1, method="lbfgs")
     with pytest.raises(ValueError, match=r"lam must be a finite number >= 0"):
         solve(prob, -1.0)

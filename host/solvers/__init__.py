@@ -3,13 +3,17 @@
 Contract: :class:`GatedProblem` holds ``Z: (n, d)``, ``Y: (n, c)``, ``masks: (n, P)`` (validated
 once by :meth:`GatedProblem.from_arrays`) and applies the operator ``A(V) = sum_i D_i Z V_i`` and its
 adjoint in row chunks; :func:`solve` minimises ``1/(2n) ||A(V) - Y||_F^2 + lam * sum_g ||V_g||_2``
-(groups per gate, or per gate and output column) and returns a :class:`SolveResult` whose
+(groups per gate, or per gate and output column) with ``method="fista"`` (ours), ``"adam"``
+(proximal Adam, the baseline) or ``"pyscnn"`` (an adapter to pyscnn's R-FISTA), and returns a
+:class:`SolveResult` whose
 ``converged`` flag and ``kkt_residual`` certificate say how good ``V`` is; non-convergence is a
 ``ConvergenceWarning``, never an exception. :func:`fista_init` / :func:`fista_step` expose the
-solver as pure functions over a :class:`FistaState` so a caller can run a few iterations and resume.
+solver as pure functions over a :class:`FistaState` so a caller can run a few iterations and resume;
+:func:`solve_path` solves a decreasing ``lam`` path with warm starts and strong-rule screening.
 Everything runs in torch on the tensors' device (CPU or CUDA).
 """
 
+from convexedge.host.solvers.adam import AdamConfig
 from convexedge.host.solvers.fista import (
     FistaConfig,
     FistaState,
@@ -19,12 +23,16 @@ from convexedge.host.solvers.fista import (
     kkt_residual,
     solve,
 )
+from convexedge.host.solvers.path import solve_path
 from convexedge.host.solvers.problem import GatedProblem, group_norms, prox_group
+from convexedge.host.solvers.scnn_adapter import PyscnnConfig
 
 __all__ = [
+    "AdamConfig",
     "FistaConfig",
     "FistaState",
     "GatedProblem",
+    "PyscnnConfig",
     "SolveResult",
     "fista_init",
     "fista_step",
@@ -32,4 +40,5 @@ __all__ = [
     "kkt_residual",
     "prox_group",
     "solve",
+    "solve_path",
 ]

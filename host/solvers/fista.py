@@ -51,6 +51,7 @@ from typing import Literal, NamedTuple, Protocol
 import torch
 
 from convexedge.device.errors import ConvergenceWarning
+from convexedge.host.solvers.adam import AdamConfig, _solve_adam
 from convexedge.host.solvers.problem import (
     GatedProblem,
     GramData,
@@ -58,6 +59,7 @@ from convexedge.host.solvers.problem import (
     group_norms,
     prox_group,
 )
+from convexedge.host.solvers.scnn_adapter import PyscnnConfig, _solve_pyscnn
 
 __all__ = [
     "FistaConfig",
@@ -71,7 +73,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_METHODS = ("fista",)
+_METHODS = ("fista", "adam", "pyscnn")
 _MAX_TRIALS = 50  # line-search trials per iteration before the last step is accepted anyway
 _POWER_ITERS = 3  # power iterations for the initial 1/L estimate
 
@@ -489,7 +491,7 @@ def fista_step(problem: GatedProblem, lam: float, config: FistaConfig, state: Fi
 
 
 # --------------------------------------------------------------------------------- solve
-def _zero_result(problem: GatedProblem, lam: float, start: float, config: FistaConfig) -> SolveResult:
+def _zero_result(problem: GatedProblem, lam: float, start: float, operator: str) -> SolveResult:
     V = torch.zeros((problem.P, problem.d, problem.c), dtype=problem.Z.dtype, device=problem.Z.device)
     obj = problem.objective(V, lam)
     return SolveResult(
@@ -497,7 +499,7 @@ def _zero_result(problem: GatedProblem, lam: float, start: float, config: FistaC
         seconds=time.perf_counter() - start,
         history={"iteration": [0], "objective": [obj], "kkt": [0.0], "step": [0.0], "seconds": [0.0]},
         restarts=0, group=problem.group, dtype=_dtype_name(problem), device=str(problem.Z.device),
-        operator="gram" if _use_gram(problem, config) else "direct",
+        operator=operator,
     )  # fmt: skip
 
 
@@ -514,7 +516,7 @@ def _solve_fista(
 ) -> SolveResult:
     start = time.perf_counter()
     if lam >= problem.lam_max():
-        return _zero_result(problem, lam, start, config)
+        return _zero_result(problem, lam, start, "gram" if _use_gram(problem, config) else "direct")
     state = fista_init(problem, lam, config, V0)
     history: dict[str, list[float]] = {k: [] for k in ("iteration", "objective", "kkt", "step", "seconds")}
 
@@ -565,9 +567,9 @@ def _solve_fista(
 def solve(
     problem: GatedProblem,
     lam: float,
-    config: FistaConfig = FistaConfig(),
+    config: FistaConfig | AdamConfig | PyscnnConfig | None = None,
     V0: torch.Tensor | None = None,
-    method: str = "fista",
+    method: Literal["fista", "adam", "pyscnn"] = "fista",
     progress: Callable[[int, float, float], None] | None = None,
 ) -> SolveResult:
     """Solve ``min_V 1/(2n) ||sum_i D_i Z V_i - Y||_F^2 + lam * sum_g ||V_g||_2``.
@@ -581,11 +583,17 @@ def solve(
     Args:
         problem: data and operator (:meth:`GatedProblem.from_arrays`).
         lam: regularisation strength ``>= 0``.
-        config: :class:`FistaConfig`; ``config.operator`` picks direct or Gram products (the
-            Gram is built on the first gram-mode solve and cached on ``problem``, so the solves
-            of a ``lam`` path share it; that first solve's ``seconds`` include the build).
+        config: the method's config (None: its defaults): :class:`FistaConfig` for ``"fista"``,
+            :class:`~convexedge.host.solvers.adam.AdamConfig` for ``"adam"``,
+            :class:`~convexedge.host.solvers.scnn_adapter.PyscnnConfig` for ``"pyscnn"``.
+            ``config.operator`` (fista, adam) picks direct or Gram products (the Gram is built on
+            the first gram-mode solve and cached on ``problem``, so the solves of a ``lam`` path
+            share it; that first solve's ``seconds`` include the build).
         V0: (P, d, c) warm start (e.g. the solution at the previous ``lam`` of a path).
-        method: ``"fista"`` (other methods arrive later).
+        method: ``"fista"`` (ours), ``"adam"`` (proximal Adam on the same objective, the
+            baseline) or ``"pyscnn"`` (pyscnn's R-FISTA through an adapter; needs
+            ``group="gate_output"`` and ``pip install pyscnn==0.0.10``; its ``seconds`` count
+            pyscnn's optimisation only, not the data conversion).
         progress: optional ``callable(it, objective, kkt)`` called at every checked iteration.
 
     Returns:
@@ -604,4 +612,16 @@ def solve(
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
         raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+    kind = {"fista": FistaConfig, "adam": AdamConfig, "pyscnn": PyscnnConfig}[method]
+    if config is None:
+        config = kind()
+    if not isinstance(config, kind):
+        raise TypeError(
+            f"method={method!r} takes a {kind.__name__}, got {type(config).__name__}; pass "
+            f"{kind.__name__}(...) or config=None for its defaults"
+        )
+    if method == "adam":
+        return _solve_adam(problem, float(lam), config, V0, progress)
+    if method == "pyscnn":
+        return _solve_pyscnn(problem, float(lam), config, V0, progress)
     return _solve_fista(problem, float(lam), config, V0, progress)
