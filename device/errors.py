@@ -11,6 +11,8 @@ __all__ = [
     "DataError",
     "ArtifactError",
     "ConvergenceWarning",
+    "SignatureError",
+    "RefitBusyError",
 ]
 
 
@@ -28,3 +30,11 @@ class ArtifactError(ConvexEdgeError):
 
 class ConvergenceWarning(UserWarning):
     """An iterative solver stopped at its iteration or time cap before reaching its tolerance."""
+
+
+class SignatureError(ArtifactError):
+    """A head artifact's ed25519 signature is missing, malformed, or does not verify."""
+
+
+class RefitBusyError(ConvexEdgeError, RuntimeError):
+    """A refit was requested while another refit of the same runtime is still running."""

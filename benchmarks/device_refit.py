@@ -1,0 +1,354 @@
+"""On-device refit of the convex head under distribution shift (BENCHMARKS.md section 5).
+
+The ``mcu`` (stage-2 output pooled to 2x2, P=8) and ``phone`` (4x4, P=16) heads are fitted on clean
+CIFAR-10 features of the bundled ResNet-20 (teacher logits, no labels). The device then sees a
+shifted stream (gaussian noise, blur, brightness, JPEG; JPEG needs Pillow) with teacher targets made
+on the device, in chunks of 64, and refits through ``convexedge.device.RefitRuntime``. Measured:
+refit wall time and iterations on 1,024 samples (warm start, one thread), extra memory during the
+refit (tracemalloc peak), accuracy before/after on held-out shifted test images, the fraction of
+the teacher-student gap the shift opened that the refit closed, predict p50/p99 latency while a
+refit runs in the background vs idle, and every refit's status.
+
+Stream vs evaluation images: evaluation uses the corrupted *test* images (never streamed); the
+stream uses corrupted images that are not in the evaluation set (test images beyond the evaluation
+slice when the data folder has enough, else the training images, whose clean versions the head was
+fitted on: the JSON says which).
+
+Run: ``OMP_NUM_THREADS=1 python -m benchmarks.device_refit [--quick] [--data DIR]``; writes
+``benchmarks/results/device_refit.json``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if "numpy" not in sys.modules:  # one BLAS thread, as the protocol asks (before numpy loads)
+    for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
+import io  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+import tracemalloc  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+from scipy.ndimage import gaussian_filter  # noqa: E402
+
+from benchmarks._common import environment, table, write_json  # noqa: E402
+from convexedge.device import BufferConfig, FistaConfig, HeadStore, RefitConfig, RefitRuntime  # noqa: E402
+
+CHUNK = 64
+N_TRAIN, N_VAL = 1024, 256
+
+
+# ----------------------------------------------------------------------------- corruptions
+def _noise(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return np.clip(x + rng.normal(0, 0.04 * 255, x.shape), 0, 255).astype(np.uint8)
+
+
+def _blur(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return np.clip(gaussian_filter(x.astype(np.float32), sigma=(0, 0.7, 0.7, 0)), 0, 255).astype(np.uint8)
+
+
+def _brightness(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return np.clip(x.astype(np.float32) * 0.8 + 0.3 * 255, 0, 255).astype(np.uint8)
+
+
+def _jpeg(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    from PIL import Image
+
+    out = np.empty_like(x)
+    for i, img in enumerate(x):
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG", quality=25)
+        out[i] = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    return out
+
+
+def corruptions() -> tuple[dict, list[str]]:
+    found = {"gaussian_noise": _noise, "blur": _blur, "brightness": _brightness}
+    skipped = []
+    try:
+        import PIL  # noqa: F401
+
+        found["jpeg"] = _jpeg
+    except ImportError:
+        skipped.append("jpeg (Pillow not installed)")
+    return found, skipped
+
+
+# ----------------------------------------------------------------------------- helpers
+def _acc(logits: np.ndarray, y: np.ndarray) -> float:
+    return float((logits.argmax(1) == y).mean())
+
+
+def _mse(a: np.ndarray, b: np.ndarray) -> float:
+    return float(((a - b) ** 2).sum() / (2 * a.shape[0]))
+
+
+def _runtime(head, workdir: Path | None, *, budget_mb: float = 16.0) -> RefitRuntime:
+    src = HeadStore.create(workdir, head) if workdir is not None else head
+    return RefitRuntime(
+        src,
+        memory_budget_mb=budget_mb,
+        buffer=BufferConfig(capacity=N_TRAIN, val_capacity=N_VAL, mode="window"),
+        config=RefitConfig(fista=FistaConfig(tol=1e-3, max_iter=2000)),
+    )
+
+
+def _feed(rt: RefitRuntime, feats: np.ndarray, logits: np.ndarray) -> None:
+    for s in range(0, feats.shape[0], CHUNK):
+        rt.observe(feats[s : s + CHUNK], logits[s : s + CHUNK])
+
+
+def _latency(rt: RefitRuntime, x: np.ndarray, calls: int, stop: threading.Event | None = None) -> np.ndarray:
+    lat = np.empty(calls)
+    for i in range(calls):
+        t = time.perf_counter()
+        rt.predict(x)
+        lat[i] = time.perf_counter() - t
+    return lat
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and latency calls (< ~3 min)")
+    parser.add_argument(
+        "--data", default=None, help="folder of train_*/test_* shards (default: bundled slice)"
+    )
+    parser.add_argument("--repeats", type=int, default=None, help="timed refits per head and shift")
+    parser.add_argument(
+        "--time-budget", type=float, default=5.0, help="refit time budget (s) for the timed runs"
+    )
+    args = parser.parse_args(argv)
+    repeats = args.repeats or (3 if args.quick else 7)
+    lat_calls = 1000 if args.quick else 5000
+
+    import torch
+
+    from convexedge.host.data import load_images, normalize_images
+    from convexedge.host.head_export import HEAD_PRESETS, fit_head, pooled_features
+    from convexedge.models import BUNDLED_DATA_DIR, load_teacher, teacher_normalization
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))  # teacher passes only; refits use numpy, 1 thread
+    t_start = time.perf_counter()
+    data_dir = Path(args.data) if args.data else BUNDLED_DATA_DIR
+    mean, std = teacher_normalization()
+
+    def transform(x: np.ndarray) -> np.ndarray:
+        return normalize_images(x, mean, std)
+
+    teacher = load_teacher()
+    train = load_images(data_dir, "train", labels=False)
+    test = load_images(data_dir, "test")
+    n_eval = min(1000, len(test))
+    if len(test) >= n_eval + N_TRAIN + N_VAL:
+        stream_src, stream_imgs = (
+            "test images beyond the evaluation slice",
+            test.x[n_eval : n_eval + N_TRAIN + N_VAL],
+        )
+    else:
+        stream_src, stream_imgs = (
+            "training images (clean versions fitted the head)",
+            train.x[: N_TRAIN + N_VAL],
+        )
+    eval_x, eval_y = test.x[:n_eval], test.y[:n_eval]
+    grids = tuple(sorted({c.grid for c in HEAD_PRESETS.values()}))
+
+    def features(imgs: np.ndarray) -> tuple[dict[int, np.ndarray], np.ndarray]:
+        return pooled_features(teacher, imgs, transform, span="layer2", grids=grids)
+
+    print(f"data {data_dir}: {len(train)} train, {n_eval} eval test images; stream from {stream_src}")
+    clean_train_f, clean_train_l = features(train.x)
+    clean_eval_f, clean_eval_l = features(eval_x)
+    teacher_clean = _acc(clean_eval_l, eval_y)
+
+    heads, fit_reports = {}, {}
+    for name, cfg in HEAD_PRESETS.items():
+        t0 = time.perf_counter()
+        heads[name], rep = fit_head(clean_train_f[cfg.grid], clean_train_l, cfg, info={"preset": name})
+        fit_reports[name] = {
+            **rep,
+            "seconds": time.perf_counter() - t0,
+            "params": heads[name].num_parameters(),
+        }
+        print(f"fitted {name} head: {heads[name].num_parameters():,} params, lam_ratio {rep['lam_ratio']:g}")
+
+    shifts, skipped = corruptions()
+    rng = np.random.default_rng(0)
+    rows, statuses = [], []
+    worse_commits = 0
+    acc_worse_commits = 0
+    extra_mem: dict[str, float] = {}
+    refit_ms: dict[str, list[float]] = {n: [] for n in heads}
+    for sname, fn in shifts.items():
+        ev_f, ev_l = features(fn(eval_x, rng))
+        st_f, st_l = features(fn(stream_imgs, rng))
+        teacher_shift = _acc(ev_l, eval_y)
+        for hname, head in heads.items():
+            g = HEAD_PRESETS[hname].grid
+            head_clean = _acc(head.predict(clean_eval_f[g]), eval_y)
+            before_logits = head.predict(ev_f[g])
+            before = _acc(before_logits, eval_y)
+            times, iters, res, rt = [], [], None, None
+            for _ in range(repeats):
+                rt = _runtime(head, None)
+                _feed(rt, st_f[g], st_l)
+                res = rt.refit(time_budget_s=args.time_budget)
+                statuses.append(res.status)
+                times.append(1e3 * res.seconds)
+                iters.append(res.iterations)
+            assert res is not None and rt is not None
+            after_logits = rt.predict(ev_f[g])
+            after = _acc(after_logits, eval_y)
+            if res.status == "accepted" and _mse(after_logits, ev_l) > _mse(before_logits, ev_l):
+                worse_commits += 1
+            if res.status == "accepted" and after < before:
+                acc_worse_commits += 1
+            opened = (teacher_shift - before) - (teacher_clean - head_clean)
+            frac = (after - before) / opened if opened > 0.01 else None
+            refit_ms[hname].append(float(np.median(times)))
+            # extra memory of one refit (tracemalloc slows allocation, so a separate, untimed run)
+            rt = _runtime(head, None)
+            _feed(rt, st_f[g], st_l)
+            tracemalloc.start()
+            base = tracemalloc.get_traced_memory()[0]
+            rt.refit(time_budget_s=args.time_budget)
+            peak = tracemalloc.get_traced_memory()[1] - base
+            tracemalloc.stop()
+            extra_mem[f"{hname}/{sname}"] = peak / 2**20
+            rows.append({
+                "head": hname, "shift": sname, "teacher_clean": teacher_clean, "head_clean": head_clean,
+                "teacher_shift": teacher_shift, "head_before": before, "head_after": after,
+                "gap_opened": opened, "gap_recovered": frac, "refit_ms": float(np.median(times)),
+                "iterations": int(np.median(iters)), "status": res.status, "kkt": res.kkt_residual,
+                "val_loss_before": res.val_loss_before, "val_loss_after": res.val_loss_after,
+                "extra_memory_kb": peak / 1024,
+            })  # fmt: skip
+            print(f"{hname:5s} {sname:15s} {res.status:8s} {before:.3f} -> {after:.3f} "
+                  f"(teacher {teacher_shift:.3f}) "
+                  f"{np.median(times):7.1f} ms {int(np.median(iters))} it")  # fmt: skip
+
+    # predict latency idle vs during background refits (first shift's stream), with a durable store
+    lat = {}
+    first = next(iter(shifts))
+    st_f, st_l = features(shifts[first](stream_imgs, np.random.default_rng(1)))
+    for hname, head in heads.items():
+        g = HEAD_PRESETS[hname].grid
+        x = st_f[g][:CHUNK]
+        with tempfile.TemporaryDirectory() as tmp:
+            rt = _runtime(head, Path(tmp) / "heads")
+            _feed(rt, st_f[g], st_l)
+            idle = _latency(rt, x, lat_calls)
+            during, refits = [], 0
+            done = 0
+            while done < lat_calls:
+                job = rt.refit_async(time_budget_s=args.time_budget)
+                while not job.done() and done < lat_calls:
+                    during.append(_latency(rt, x, 1)[0])
+                    done += 1
+                statuses.append(job.result().status)
+                refits += 1
+            during_a = np.asarray(during)
+        lat[hname] = {
+            "batch": CHUNK, "calls": lat_calls, "refits_during": refits,
+            "idle_p50_us": 1e6 * float(np.percentile(idle, 50)),
+            "idle_p99_us": 1e6 * float(np.percentile(idle, 99)),
+            "refit_p50_us": 1e6 * float(np.percentile(during_a, 50)),
+            "refit_p99_us": 1e6 * float(np.percentile(during_a, 99)),
+        }  # fmt: skip
+        lat[hname]["p99_ratio"] = lat[hname]["refit_p99_us"] / lat[hname]["idle_p99_us"]
+
+    # poisoning: garbage targets must be rejected
+    poison = {}
+    for hname, head in heads.items():
+        g = HEAD_PRESETS[hname].grid
+        rt = _runtime(head, None)
+        garbage = np.random.default_rng(2).normal(0, st_l.std(), st_l.shape).astype(np.float32)
+        _feed(rt, st_f[g], garbage)
+        poison[hname] = rt.refit(time_budget_s=args.time_budget).status
+        statuses.append(poison[hname])
+
+    # working set of an mcu refit: extra memory beyond the resident buffer and serving head
+    mcu_ws_kb = max(v for k, v in extra_mem.items() if k.startswith("mcu/")) * 1024
+    fracs = [r["gap_recovered"] for r in rows if r["gap_recovered"] is not None]
+    summary = {
+        "mcu_refit_ms": float(np.median(refit_ms["mcu"])),
+        "phone_refit_ms": float(np.median(refit_ms["phone"])),
+        "extra_memory_mb_max": max(extra_mem.values()),
+        "mcu_working_set_kb": mcu_ws_kb,
+        "gap_recovered_min": min(fracs) if fracs else None,
+        "predict_p99_ratio": max(v["p99_ratio"] for v in lat.values()),
+        "worse_commits": worse_commits,
+        "accuracy_worse_commits": acc_worse_commits,
+        "poisoned_refits_rejected": all(v == "rejected" for v in poison.values()),
+    }
+    targets = {
+        "mcu_refit_ms": ("<=", 100), "phone_refit_ms": ("<=", 1000), "extra_memory_mb_max": ("<=", 4),
+        "mcu_working_set_kb": ("<=", 128), "gap_recovered_min": (">=", 0.9), "predict_p99_ratio": ("<=", 1.1),
+        "worse_commits": ("<=", 0),
+    }  # fmt: skip
+    met = {
+        k: (summary[k] is not None and (summary[k] <= v if op == "<=" else summary[k] >= v))
+        for k, (op, v) in targets.items()
+    }
+    print()
+    print(table(rows, [
+        ("head", "head", "s"), ("shift", "shift", "s"), ("teacher_shift", "teacher", ".3f"),
+        ("head_before", "before", ".3f"), ("head_after", "after", ".3f"),
+        ("gap_recovered", "gap closed", ".2f"),
+        ("refit_ms", "refit ms", ".1f"), ("iterations", "iters", "d"), ("extra_memory_kb", "extra KB", ".0f"),
+        ("status", "status", "s"),
+    ]))  # fmt: skip
+    print()
+    for k, v in summary.items():
+        tgt = targets.get(k)
+        mark = "" if tgt is None else f"  (target {tgt[0]} {tgt[1]}: {'met' if met[k] else 'MISSED'})"
+        print(f"{k:26s} {v}{mark}")
+    payload = {
+        "summary": summary,
+        "targets": {k: f"{op} {v}" for k, (op, v) in targets.items()},
+        "targets_met": met,
+        "rows": rows,
+        "latency": lat,
+        "poisoning": poison,
+        "statuses": {s: statuses.count(s) for s in sorted(set(statuses))},
+        "fit": fit_reports,
+        "protocol": {
+            "quick": args.quick,
+            "repeats": repeats,
+            "samples": N_TRAIN,
+            "held_out": N_VAL,
+            "chunk": CHUNK,
+            "time_budget_s": args.time_budget,
+            "tol": 1e-3,
+            "stream_source": stream_src,
+            "eval_images": n_eval,
+            "skipped_shifts": skipped,
+            "data": str(data_dir),
+            "refit_ms": (
+                "median wall time of RefitRuntime.refit (snapshot, solve, validation, swap), in memory"
+            ),
+            "extra_memory": "tracemalloc peak of one refit above the memory in use before it",
+            "worse_commits": "accepted refits whose held-out shifted loss vs the teacher's logits got worse",
+            "accuracy_worse_commits": "accepted refits whose held-out shifted top-1 got worse",
+            "gap_recovered": "(after - before) / ((teacher_shift - before) - (teacher_clean - head_clean))",
+            "predict": (
+                f"predict() on {CHUNK} samples; idle vs while refit_async runs back to back (HeadStore)"
+            ),
+        },  # fmt: skip
+        "environment": {**environment(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
+        "total_seconds": time.perf_counter() - t_start,
+    }
+    path = write_json("device_refit", payload)
+    print(f"wrote {path} in {payload['total_seconds']:.0f} s")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,481 @@
+"""The device runtime: predict, observe a bounded stream, refit the head safely in the background.
+
+    rt = RefitRuntime(HeadStore.open("heads/"), memory_budget_mb=4)
+    logits = rt.predict(x)                        # never waits for a refit
+    rt.observe(x_batch, teacher_logits_batch)     # targets are produced on the device
+    job = rt.refit_async(time_budget_s=1.0)       # or rt.refit(...) to block
+    result = job.result()                         # accepted | rejected | cancelled | out_of_budget | failed
+
+A refit snapshots the buffer (in place, no copy), runs the numpy FISTA of
+:mod:`convexedge.device.fista` warm-started from the serving head, one iteration at a time, checking a
+cancel flag and the deadline between iterations, then judges the candidate on the held-out part of
+the stream: it is committed only if its validation loss is lower than the serving head's by
+``min_improvement`` (relative) *and* it explains the held-out targets with ``R^2 >= min_val_r2``
+(garbage or poisoned targets that no head can predict fail this). Committing writes the head through
+the :class:`~convexedge.device.store.HeadStore` (atomic) and then swaps one reference, so
+``predict`` never takes a lock: it reads whichever immutable head is current.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+
+from convexedge.device.buffer import BufferConfig, StreamBuffer
+from convexedge.device.errors import ConvergenceWarning, DataError, RefitBusyError
+from convexedge.device.fista import FistaConfig, fista_init, fista_step, kkt_residual, make_operator
+from convexedge.device.head import ConvexHead, check_features
+from convexedge.device.store import HeadStore
+
+__all__ = ["RefitConfig", "RefitJob", "RefitProgress", "RefitResult", "RefitRuntime"]
+
+logger = logging.getLogger(__name__)
+
+Status = Literal["accepted", "rejected", "cancelled", "out_of_budget", "failed"]
+_MB = 2**20
+
+
+@dataclass(frozen=True, kw_only=True)
+class RefitConfig:
+    """When and how a refit runs and what it must achieve to be committed (JSON-serialisable)."""
+
+    # Regularisation strength; None: the serving head's own lam.
+    lam: float | None = None
+    fista: FistaConfig = field(default_factory=FistaConfig)
+    min_train: int = 32  # fewer training samples: the refit is rejected without solving
+    min_val: int = 16  # fewer held-out samples: rejected (nothing to judge the candidate on)
+    # Commit only if val_loss_after < val_loss_before * (1 - min_improvement).
+    min_improvement: float = 1e-3
+    # Commit only if the candidate explains the held-out targets: 1 - SSE / SST >= min_val_r2.
+    min_val_r2: float = 0.3
+
+    def __post_init__(self) -> None:
+        if self.lam is not None and not (
+            isinstance(self.lam, (int, float)) and math.isfinite(self.lam) and self.lam >= 0
+        ):
+            raise ValueError(f"lam must be None or a finite number >= 0, got {self.lam!r}")
+        if not isinstance(self.fista, FistaConfig):
+            raise ValueError(f"fista must be a FistaConfig, got {type(self.fista).__name__}")
+        for name in ("min_train", "min_val"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if not (isinstance(self.min_improvement, (int, float)) and 0 <= self.min_improvement < 1):
+            raise ValueError(f"min_improvement must lie in [0, 1), got {self.min_improvement!r}")
+        if not (isinstance(self.min_val_r2, (int, float)) and self.min_val_r2 <= 1):
+            raise ValueError(f"min_val_r2 must be a number <= 1, got {self.min_val_r2!r}")
+
+
+class RefitProgress(NamedTuple):
+    """Passed to ``on_progress`` after every iteration."""
+
+    iteration: int
+    objective: float
+    kkt: float
+    seconds: float
+
+
+@dataclass
+class RefitResult:
+    """What a refit did.
+
+    Attributes:
+        status: ``"accepted"`` (committed and serving), ``"rejected"`` (not better on the held-out
+            stream, or too few samples), ``"cancelled"``, ``"out_of_budget"`` (the time budget ran
+            out before one iteration finished), ``"failed"`` (an error; see ``reason``).
+        reason: one sentence on why.
+        iterations, converged, kkt_residual: of the solve (``converged``: KKT <= tol).
+        val_loss_before, val_loss_after: ``1/(2 n_val) ||f(Z_val) - Y_val||^2`` of the serving head
+            and of the candidate.
+        val_r2_after: ``1 - SSE / SST`` of the candidate on the held-out part.
+        n_train, n_val: samples used.
+        seconds: wall time of the whole refit (snapshot to commit); solve_seconds: the FISTA part.
+        slot: the store slot written when accepted.
+    """
+
+    status: Status
+    reason: str
+    iterations: int = 0
+    converged: bool = False
+    kkt_residual: float = float("nan")
+    val_loss_before: float = float("nan")
+    val_loss_after: float = float("nan")
+    val_r2_after: float = float("nan")
+    n_train: int = 0
+    n_val: int = 0
+    seconds: float = 0.0
+    solve_seconds: float = 0.0
+    slot: str | None = None
+    lam: float = float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class RefitJob:
+    """A refit running in a background thread (returned by :meth:`RefitRuntime.refit_async`)."""
+
+    def __init__(self, target: Callable[[threading.Event], RefitResult]) -> None:
+        self._cancel = threading.Event()
+        self._result: RefitResult | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(target,), name="convexedge-refit", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, target: Callable[[threading.Event], RefitResult]) -> None:
+        self._result = target(self._cancel)
+
+    def cancel(self) -> None:
+        """Ask the refit to stop after the current iteration (its status becomes ``cancelled``)."""
+        self._cancel.set()
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def result(self, timeout: float | None = None) -> RefitResult:
+        """Wait for the refit and return its result.
+
+        Raises:
+            TimeoutError: it is still running after ``timeout`` seconds.
+        """
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError(f"refit still running after {timeout} s; call cancel() or wait longer")
+        assert self._result is not None
+        return self._result
+
+
+class _MemoryStore:
+    """A store that keeps heads in memory only (for simulations and benchmarks)."""
+
+    def __init__(self, head: ConvexHead) -> None:
+        self.head, self.generation = head, 1
+
+    def commit(self, head: ConvexHead) -> str:
+        self.generation += 1
+        self.head = head
+        return f"memory:{self.generation}"
+
+
+def _val_loss(head: ConvexHead, Z: np.ndarray, Y: np.ndarray) -> float:
+    r = (head.predict_normalized(Z) - Y).ravel().astype(np.float64)
+    return float(r @ r) / (2.0 * Z.shape[0])
+
+
+class RefitRuntime:
+    """Serve, observe and refit one head (see the module docstring).
+
+    Args:
+        store: a :class:`HeadStore` (commits are durable) or a :class:`ConvexHead` (in memory only).
+        memory_budget_mb: bound on the buffer plus the refit's working memory; the buffer's
+            capacity is derived from it when ``buffer.capacity`` is None.
+        buffer: stream buffer settings.
+        config: refit settings.
+
+    Raises:
+        ValueError: the buffer and a refit cannot fit in ``memory_budget_mb`` (the message gives
+            the size needed).
+    """
+
+    def __init__(
+        self,
+        store: HeadStore | ConvexHead,
+        *,
+        memory_budget_mb: float = 4.0,
+        buffer: BufferConfig | None = None,
+        config: RefitConfig | None = None,
+    ) -> None:
+        buffer = BufferConfig() if buffer is None else buffer
+        config = RefitConfig() if config is None else config
+        if not (
+            isinstance(memory_budget_mb, (int, float))
+            and math.isfinite(memory_budget_mb)
+            and memory_budget_mb > 0
+        ):
+            raise ValueError(f"memory_budget_mb must be a finite number > 0, got {memory_budget_mb!r}")
+        self._store: HeadStore | _MemoryStore = (
+            _MemoryStore(store) if isinstance(store, ConvexHead) else store
+        )
+        self.config = config
+        self.memory_budget_bytes = int(memory_budget_mb * _MB)
+        head = self._store.head
+        self._d_in, self._c, self._P = head.d_in, head.c, head.P
+        if buffer.mode != "gram" and buffer.capacity is None:
+            buffer = self._fit_capacity(head, buffer)
+        need = StreamBuffer.estimate_bytes(head.d_in, head.c, head.P, buffer, buffer.capacity or 0)
+        need += self._workspace_bytes(head, buffer) + 2 * head.nbytes()
+        if need > self.memory_budget_bytes:
+            raise ValueError(
+                f"buffer ({buffer.mode}, capacity {buffer.capacity}) plus a refit need {need / _MB:.2f} MB, "
+                f"more than memory_budget_mb={memory_budget_mb}; lower the capacity, use mode='reservoir', "
+                f"or raise the budget"
+            )
+        self.buffer = StreamBuffer(head.d_in, head.c, head.P, buffer)
+        self._norm_head = head  # the head whose normalisation and gates the buffer's rows use
+        self._busy = threading.Lock()
+        self._last_step: float | None = None
+
+    # ------------------------------------------------------------------ memory
+    def _workspace_bytes(self, head: ConvexHead, buffer: BufferConfig, n: int | None = None) -> int:
+        """Upper estimate of a refit's working memory: FISTA state, images, chunk work, masks, candidate."""
+        P, d, c = head.P, head.d, head.c
+        v = 4 * P * d * c
+        if buffer.mode == "gram":
+            return 12 * v
+        n = buffer.capacity if n is None else n
+        chunk = min(self.config.fista.row_chunk, max(1, n or 1))
+        # measured (tracemalloc) on the mcu and phone heads: ~10 V-sized arrays, ~6 (n, c) images,
+        # the float32 masks, one chunk workspace; 12 V leaves headroom
+        return 12 * v + 8 * 4 * (n or 0) * c + 5 * (n or 0) * P + 2 * 4 * chunk * P * c
+
+    def _fit_capacity(self, head: ConvexHead, buffer: BufferConfig) -> BufferConfig:
+        lo, hi = 0, 1 << 24
+        while lo < hi:  # largest capacity whose buffer and refit fit the budget
+            mid = (lo + hi + 1) // 2
+            cfg = BufferConfig(**{**asdict(buffer), "capacity": mid})
+            need = StreamBuffer.estimate_bytes(head.d_in, head.c, head.P, cfg, mid)
+            need += self._workspace_bytes(head, cfg) + 2 * head.nbytes()
+            lo, hi = (mid, hi) if need <= self.memory_budget_bytes else (lo, mid - 1)
+        if lo < 1:
+            raise ValueError(
+                f"memory_budget_mb={self.memory_budget_bytes / _MB:g} cannot hold a refit of this head "
+                f"(P={head.P}, d={head.d}, c={head.c}); raise the budget"
+            )
+        return BufferConfig(**{**asdict(buffer), "capacity": lo})
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Memory the runtime holds or may use: buffer (allocated), refit workspace (estimate), heads."""
+        head = self.head
+        buf = self.buffer.nbytes()
+        work = self._workspace_bytes(head, self.buffer.config)
+        heads = 2 * head.nbytes()  # serving head + a candidate during a refit
+        return {"buffer": buf, "refit_workspace": work, "heads": heads, "total": buf + work + heads,
+                "budget": self.memory_budget_bytes}  # fmt: skip
+
+    # ------------------------------------------------------------------ serving
+    @property
+    def head(self) -> ConvexHead:
+        """The head being served (an immutable object)."""
+        return self._store.head
+
+    def predict(self, x: Any) -> np.ndarray:
+        """Logits ``(n, c)`` of the serving head for features ``x: (n, d_in)``; takes no lock.
+
+        Raises:
+            DataError: wrong shape or dtype, empty, or NaN/Inf.
+        """
+        return self._store.head.predict(x)
+
+    def observe(self, x: Any, target: Any) -> None:
+        """Add samples of the stream: features ``x: (n, d_in)`` and teacher outputs ``target: (n, c)``.
+
+        Raises:
+            DataError: wrong shapes or dtypes, different ``n``, NaN/Inf (nothing is stored then).
+        """
+        z = check_features(x, self._d_in, "x")
+        y = check_features(target, self._c, "target")
+        if z.shape[0] != y.shape[0]:
+            raise DataError(
+                f"x and target must have the same number of samples, got {z.shape[0]} and {y.shape[0]}"
+            )
+        head = self._norm_head
+        zn = head.normalize(z)
+        masks = head.masks(zn) if self.buffer.config.mode == "gram" else None
+        self.buffer.add(zn, y, masks)
+
+    # ------------------------------------------------------------------ refit
+    def refit(
+        self, time_budget_s: float = 1.0, on_progress: Callable[[RefitProgress], None] | None = None
+    ) -> RefitResult:
+        """Refit in the calling thread (blocks); see :meth:`refit_async`.
+
+        Emits :class:`ConvergenceWarning` when the solve stopped at ``max_iter`` or the time budget
+        before reaching its tolerance (the result still says ``converged=False``).
+
+        Raises:
+            RefitBusyError: another refit of this runtime is running.
+        """
+        self._check_budget(time_budget_s)
+        if not self._busy.acquire(blocking=False):
+            raise RefitBusyError("a refit is already running; wait for its job.result() or cancel() it")
+        try:
+            res = self._run(threading.Event(), time_budget_s, on_progress)
+        finally:
+            self._busy.release()
+        if res.status in ("accepted", "rejected") and res.iterations and not res.converged:
+            warnings.warn(
+                f"refit stopped before tol={self.config.fista.tol:g} (KKT {res.kkt_residual:.2g} after "
+                f"{res.iterations} iterations); raise time_budget_s or fista.max_iter",
+                ConvergenceWarning,
+                stacklevel=2,
+            )
+        return res
+
+    def refit_async(
+        self, time_budget_s: float = 1.0, on_progress: Callable[[RefitProgress], None] | None = None
+    ) -> RefitJob:
+        """Start a refit in a background thread and return its :class:`RefitJob`.
+
+        Args:
+            time_budget_s: wall-clock budget of the solve (validation and commit come after it).
+            on_progress: called with a :class:`RefitProgress` after every iteration, in the refit
+                thread; an exception there ends the refit with status ``failed``.
+
+        Raises:
+            RefitBusyError: another refit of this runtime is running.
+        """
+        self._check_budget(time_budget_s)
+        if not self._busy.acquire(blocking=False):
+            raise RefitBusyError("a refit is already running; wait for its job.result() or cancel() it")
+
+        def target(cancel: threading.Event) -> RefitResult:
+            try:
+                return self._run(cancel, time_budget_s, on_progress)
+            finally:
+                self._busy.release()
+
+        return RefitJob(target)
+
+    @staticmethod
+    def _check_budget(time_budget_s: float) -> None:
+        if not (
+            isinstance(time_budget_s, (int, float)) and math.isfinite(time_budget_s) and time_budget_s > 0
+        ):
+            raise ValueError(f"time_budget_s must be a finite number > 0, got {time_budget_s!r}")
+
+    def _run(
+        self,
+        cancel: threading.Event,
+        time_budget_s: float,
+        on_progress: Callable[[RefitProgress], None] | None,
+    ) -> RefitResult:
+        t0 = time.perf_counter()
+        try:
+            return self._refit(cancel, t0, time_budget_s, on_progress)
+        except Exception as exc:  # the serving head is untouched whatever happened
+            logger.exception("refit failed")
+            return RefitResult("failed", f"{type(exc).__name__}: {exc}", seconds=time.perf_counter() - t0)
+
+    def _refit(
+        self,
+        cancel: threading.Event,
+        t0: float,
+        time_budget_s: float,
+        on_progress: Callable[[RefitProgress], None] | None,
+    ) -> RefitResult:
+        cfg = self.config
+        head = self.head
+        if not self._same_basis(head, self._norm_head):
+            self.buffer.clear()
+            self._norm_head = head
+            return RefitResult(
+                "rejected", "the serving head's normalisation or gates changed; buffer cleared"
+            )
+        snap = self.buffer.freeze(head.masks)
+        try:
+            n_val = snap.val_Z.shape[0]
+            if snap.train is None or snap.n_train < cfg.min_train or n_val < cfg.min_val:
+                return RefitResult(
+                    "rejected",
+                    f"too few samples: {snap.n_train} training (need {cfg.min_train}), {n_val} held-out "
+                    f"(need {cfg.min_val}); observe more",
+                    n_train=snap.n_train, n_val=n_val, seconds=time.perf_counter() - t0,
+                )  # fmt: skip
+            lam = head.lam if cfg.lam is None else float(cfg.lam)
+            fcfg = cfg.fista
+            if fcfg.step_init is None and self._last_step is not None:
+                fcfg = FistaConfig(**{**asdict(fcfg), "step_init": self._last_step})
+            op = make_operator(snap.train, fcfg)
+            deadline = t0 + time_budget_s
+            ts = time.perf_counter()
+            state = fista_init(op, lam, fcfg, head.V, head.group)
+            kkt = kkt_residual(op, state.x, lam, state.grad_x, head.group)
+            converged = kkt <= fcfg.tol
+            status: Status | None = None
+            while not converged and state.it < fcfg.max_iter:
+                if cancel.is_set():
+                    status = "cancelled"
+                    break
+                if time.perf_counter() >= deadline:
+                    break
+                state = fista_step(op, lam, fcfg, state, head.group)
+                kkt = kkt_residual(op, state.x, lam, state.grad_x, head.group)
+                converged = kkt <= fcfg.tol
+                if on_progress is not None:
+                    on_progress(RefitProgress(state.it, state.fx, kkt, time.perf_counter() - t0))
+            solve_s = time.perf_counter() - ts
+            common = {
+                "iterations": state.it, "converged": converged, "kkt_residual": kkt,
+                "n_train": snap.n_train, "n_val": n_val, "solve_seconds": solve_s, "lam": lam,
+            }  # fmt: skip
+            if status == "cancelled":
+                return RefitResult(
+                    "cancelled", "cancelled by the app", seconds=time.perf_counter() - t0, **common
+                )
+            if state.it == 0 and not converged:
+                return RefitResult(
+                    "out_of_budget",
+                    f"time budget {time_budget_s:g} s ran out before one iteration; raise time_budget_s",
+                    seconds=time.perf_counter() - t0, **common,
+                )  # fmt: skip
+            self._last_step = state.step
+            x = state.x
+            del state, op  # release the solver's memory before the candidate head is built
+            if not np.isfinite(x).all():
+                return RefitResult(
+                    "failed", "the solve produced NaN/Inf", seconds=time.perf_counter() - t0, **common
+                )
+            cand = head.replace_weights(
+                x,
+                info={**head.info, "refit": {"samples": snap.n_train, "iterations": common["iterations"],
+                                             "lam": lam, "kkt": kkt, "time": time.time()}},
+            )  # fmt: skip
+            before = _val_loss(head, snap.val_Z, snap.val_Y)
+            after = _val_loss(cand, snap.val_Z, snap.val_Y)
+            yc = snap.val_Y.astype(np.float64) - snap.val_Y.mean(axis=0, dtype=np.float64)
+            sst = float(np.sum(yc * yc)) / (2.0 * n_val)
+            r2 = 1.0 - after / sst if sst > 0 else float("-inf")
+            common.update(val_loss_before=before, val_loss_after=after, val_r2_after=r2)
+            if not after < before * (1.0 - cfg.min_improvement):
+                reason = f"validation loss {after:.4g} is not below {before:.4g} by {cfg.min_improvement:g}"
+                return RefitResult("rejected", reason, seconds=time.perf_counter() - t0, **common)
+            if r2 < cfg.min_val_r2:
+                reason = (
+                    f"the candidate explains the held-out targets with R^2={r2:.3f} < "
+                    f"min_val_r2={cfg.min_val_r2:g}: "
+                    f"the stream's targets look unpredictable (garbage or poisoned)"
+                )
+                return RefitResult("rejected", reason, seconds=time.perf_counter() - t0, **common)
+            if self.head is not head:
+                return RefitResult(
+                    "rejected", "the serving head changed during the refit (rollback?)",
+                    seconds=time.perf_counter() - t0, **common,
+                )  # fmt: skip
+            slot = self._store.commit(cand)  # durable first, then the reference swap inside the store
+            self._norm_head = self._store.head
+            return RefitResult(
+                "accepted", f"validation loss {before:.4g} -> {after:.4g}", slot=slot,
+                seconds=time.perf_counter() - t0, **common,
+            )  # fmt: skip
+        finally:
+            self.buffer.thaw()
+
+    @staticmethod
+    def _same_basis(a: ConvexHead, b: ConvexHead) -> bool:
+        if a is b:
+            return True
+        return (
+            a.gate_spec == b.gate_spec
+            and np.array_equal(a.gates, b.gates)  # type: ignore[arg-type]
+            and np.array_equal(a.mean, b.mean)  # type: ignore[arg-type]
+            and np.array_equal(a.std, b.std)  # type: ignore[arg-type]
+        )
