@@ -108,7 +108,7 @@ def test_compare_outputs_shape_mismatch():
 
 def test_export_options_reject_unknown_format():
     with pytest.raises(ValueError, match="format must be"):
-        ExportOptions(model="teacher", format="tflite")
+        ExportOptions(model="teacher", format="coreml")
 
 
 def test_swapped_reference_is_the_saved_student(student_folder):
