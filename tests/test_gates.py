@@ -77,8 +77,9 @@ def test_spec_to_dict_is_json_round_trippable():
     "kwargs,match",
     [
         ({"kind": "uniform", "d": 3, "P": 2}, "gate kind must be 'gaussian' or 'array'"),
-        ({"d": 0, "P": 2}, "gates need d >= 1 and P >= 1, got d=0, P=2"),
-        ({"d": 3, "P": 0}, "gates need d >= 1 and P >= 1, got d=3, P=0"),
+        ({"d": 1, "P": 2}, r"gates need d >= 2 \(features \+ bias\) and P >= 1, got d=1, P=2"),
+        ({"d": 3, "P": 0}, r"gates need d >= 2 \(features \+ bias\) and P >= 1, got d=3, P=0"),
+        ({"d": 3, "P": 2, "seed": -1}, "gate seed must be >= 0"),
     ],
 )
 def test_spec_validation(kwargs, match):
