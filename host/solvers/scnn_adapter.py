@@ -84,6 +84,11 @@ def _solve_pyscnn(
 ):
     from convexedge.host.solvers.fista import SolveResult, _dtype_name, _zero_result, kkt_residual
 
+    if problem.group != "gate_output":
+        raise ValueError(
+            f"pyscnn solves only the one-vs-all form (a group per gate and output column); got "
+            f"group={problem.group!r}; build the problem with group='gate_output'"
+        )
     try:
         import lab
         from scnn.metrics import Metrics
@@ -99,11 +104,6 @@ def _solve_pyscnn(
     except ImportError as exc:
         raise ImportError(f"method='pyscnn' needs pyscnn 0.0.10 (pip install pyscnn==0.0.10): {exc}") from exc
 
-    if problem.group != "gate_output":
-        raise ValueError(
-            f"pyscnn solves only the one-vs-all form (a group per gate and output column); got "
-            f"group={problem.group!r}; build the problem with group='gate_output'"
-        )
     start = time.perf_counter()
     if lam >= problem.lam_max():
         return _zero_result(problem, lam, start, "pyscnn")
