@@ -69,6 +69,11 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--float64", action="store_true", help="solve in float64 (default float32)")
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    demo.add_argument(
+        "--no-device-step",
+        action="store_true",
+        help="skip the on-device step (head export, numpy runtime, shift, refit)",
+    )
     exp = sub.add_parser(
         "export",
         help="export the teacher or a demo's compressed model (ONNX, TFLite) and check parity",
@@ -107,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                     test_images=args.test_images,
                     dtype="float64" if args.float64 else "float32",
                     progress=not args.no_progress,
+                    device_step=not args.no_device_step,
                 )
             )
         elif args.command == "export":

@@ -60,6 +60,7 @@ class DemoOptions:
     max_iter: int = 500
     dtype: Literal["float32", "float64"] = "float32"
     progress: bool = True
+    device_step: bool = True  # export a convex head, load it with convexedge.device, shift, refit
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda"):
@@ -266,8 +267,23 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
         },
         "total_seconds": time.perf_counter() - t_start,
     }
-    (out / "report.json").write_text(json.dumps(report, indent=1))
     print(_table(report))
+    if opt.device_step:
+        from convexedge.host.demo_device import run_device_step
+
+        report["device"] = run_device_step(
+            teacher,
+            train.x[take],
+            test.x,
+            test.y,
+            transform,
+            out,
+            seed=opt.seed,
+            stream_images=min(1024, len(take)),
+            device=device,
+        )
+    report["total_seconds"] = time.perf_counter() - t_start
+    (out / "report.json").write_text(json.dumps(report, indent=1))
     print(
         f"wrote {out / 'report.json'}, {out / 'convergence.png'}, {out / 'accuracy_vs_params.png'}, {weights}"
     )

@@ -60,6 +60,10 @@ def test_demo_succeeds_and_writes_report(demo_run, capsys):
     assert report["kkt_residual"] >= 0
     assert report["capture"]["images"] == 48 and report["test_images"] == 80
     assert "label-free" in report["labels_read"]
+    device = report["device"]  # the on-device step: head exported, served by the numpy runtime, refit
+    assert device["refit_status"] in ("accepted", "rejected", "out_of_budget")
+    assert 0.0 <= device["head_top1_shifted_before"] <= 1.0 and device["stream_samples"] == 48
+    assert (out / "heads").is_dir()
     for png in ("convergence.png", "accuracy_vs_params.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -90,3 +94,21 @@ def test_saved_student_reproduces_reported_accuracy(demo_run):
     assert acc == pytest.approx(report["student_top1"])
     assert manifest["active_gate_indices"] == sorted(manifest["active_gate_indices"])
     assert len(manifest["active_gate_indices"]) == V.shape[0] == report["active_gates"]
+
+
+def test_device_head_loads_without_torch(demo_run):
+    """The exported head opens and predicts in a process where torch cannot be imported."""
+    import subprocess
+    import sys
+
+    _, out, _ = demo_run
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import numpy as np\n"
+        "from convexedge.device import HeadStore\n"
+        f"head = HeadStore.open({str(out / 'heads')!r}).head\n"
+        "print(head.predict(np.zeros((2, head.d_in), np.float32)).shape)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "(2, 10)"
