@@ -1,4 +1,4 @@
-"""The ``convexedge`` command line: ``demo`` and ``export``; others arrive with their issues.
+"""The ``convexedge`` command line: ``demo``, ``export`` and ``refit``; others arrive with their issues.
 
 Bad arguments, a bad file or bad data print one line on stderr and exit with status 2 (no
 traceback); an interrupt (Ctrl-C) exits 130.
@@ -90,6 +90,19 @@ def _build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", type=Path, default=Path("convexedge-export"), help="output folder")
     exp.add_argument("--data", type=Path, default=None, help="folder of test_*.npz shards (default: bundled)")
     exp.add_argument("--test-images", type=_positive_int, default=None, help="test images for parity")
+    ref = sub.add_parser(
+        "refit",
+        help="simulate a device: refit a head store on a folder of activations",
+        description="Stream *.npz files (x: features, target: teacher outputs) into the numpy device "
+        "runtime, refit the head once, print the result as JSON.",
+    )
+    ref.add_argument("heads", help="head store folder (e.g. convexedge-demo/heads)")
+    ref.add_argument("activations", help="folder of *.npz with arrays x and target")
+    ref.add_argument("--budget-mb", type=float, default=4.0, help="memory budget of the runtime")
+    ref.add_argument("--time-budget", type=float, default=1.0, help="seconds the refit may take")
+    ref.add_argument("--mode", choices=["reservoir", "window", "gram"], default="reservoir")
+    ref.add_argument("--chunk", type=_positive_int, default=64, help="samples per observe() call")
+    ref.add_argument("--confirm", action="store_true", help="confirm an accepted head")
     return parser
 
 
@@ -113,6 +126,20 @@ def main(argv: list[str] | None = None) -> int:
                     dtype="float64" if args.float64 else "float32",
                     progress=not args.no_progress,
                     device_step=not args.no_device_step,
+                )
+            )
+        elif args.command == "refit":
+            from convexedge.host.refit_cli import RefitOptions, run_refit
+
+            run_refit(
+                RefitOptions(
+                    heads=args.heads,
+                    activations=args.activations,
+                    memory_budget_mb=args.budget_mb,
+                    time_budget_s=args.time_budget,
+                    mode=args.mode,
+                    chunk=args.chunk,
+                    confirm=args.confirm,
                 )
             )
         elif args.command == "export":

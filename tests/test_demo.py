@@ -112,3 +112,34 @@ def test_device_head_loads_without_torch(demo_run):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "(2, 10)"
+
+
+def test_refit_cli_on_the_demo_heads(demo_run, tmp_path, capsys):
+    """`convexedge refit` streams activation files into the numpy runtime and reports one refit."""
+    import shutil
+
+    from convexedge.device import HeadStore
+
+    _, out, _ = demo_run
+    heads = tmp_path / "heads"
+    shutil.copytree(out / "heads", heads)
+    head = HeadStore.open(heads).head
+    rng = np.random.default_rng(0)
+    acts = tmp_path / "acts"
+    acts.mkdir()
+    for k in range(3):
+        x = rng.normal(size=(200, head.d_in)).astype(np.float32)
+        np.savez(acts / f"chunk_{k}.npz", x=x, target=head.predict(x) + 0.1 * rng.normal(size=(200, 10)))
+    status = main(["refit", str(heads), str(acts), "--time-budget", "2"])
+    assert status == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["observed"] == 600
+    assert report["status"] in ("accepted", "rejected", "out_of_budget")
+
+
+def test_refit_cli_bad_folder_is_one_line(demo_run, tmp_path, capsys):
+    _, out, _ = demo_run
+    status = main(["refit", str(out / "heads"), str(tmp_path)])
+    assert status == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no *.npz activation files" in err[0]
