@@ -159,6 +159,7 @@ def _solve_adam(
         SolveResult,
         _dtype_name,
         _operator,
+        _run_until_converged,
         _use_gram,
         _zero_result,
         kkt_residual,
@@ -180,24 +181,10 @@ def _solve_adam(
             progress(s.it, fx, kkt)
         return kkt
 
-    kkt = check(state)
-    converged = kkt <= config.tol
-    stopped_by = "max_iter"
-    while not converged and state.it < config.max_iter:
-        state = adam_step(problem, lam, config, state)
-        timed_out = config.max_seconds is not None and time.perf_counter() - start >= config.max_seconds
-        if state.it % config.check_every == 0 or state.it == config.max_iter or timed_out:
-            kkt = check(state)
-            converged = kkt <= config.tol
-        if timed_out and not converged:
-            stopped_by = "max_seconds"
-            break
+    state, kkt, converged, knob = _run_until_converged(
+        state, lambda s: adam_step(problem, lam, config, s), check, config, start
+    )
     if not converged:
-        knob = (
-            f"max_seconds={config.max_seconds}; raise max_seconds"
-            if stopped_by == "max_seconds"
-            else f"max_iter={config.max_iter}; raise max_iter"
-        )
         warnings.warn(
             f"proximal Adam stopped at {knob}, or tune lr={config.lr:g} (a constant lr stalls "
             f"near the optimum): relative KKT residual {kkt:.3g} > tol={config.tol:g} after "

@@ -507,6 +507,34 @@ def _dtype_name(problem: GatedProblem) -> str:
     return str(problem.Z.dtype).removeprefix("torch.")
 
 
+def _run_until_converged(state, step, check, config, start: float):
+    """Drive ``state = step(state)`` until ``check(state) <= config.tol`` or a cap is hit.
+
+    Shared by the FISTA and proximal-Adam drivers. ``check`` is evaluated every
+    ``config.check_every`` iterations, at ``max_iter`` and when ``max_seconds`` runs out.
+
+    Returns:
+        ``(state, kkt, converged, knob)``: ``knob`` names the cap that stopped an unconverged run
+        and how to lift it (for the ``ConvergenceWarning``), or ``None`` when converged.
+    """
+    kkt = check(state)
+    converged = kkt <= config.tol
+    timed_out = False
+    while not converged and state.it < config.max_iter:
+        state = step(state)
+        timed_out = config.max_seconds is not None and (time.perf_counter() - start >= config.max_seconds)
+        if state.it % config.check_every == 0 or state.it == config.max_iter or timed_out:
+            kkt = check(state)
+            converged = kkt <= config.tol
+        if timed_out and not converged:
+            break
+    if converged:
+        return state, kkt, True, None
+    if timed_out:
+        return state, kkt, False, f"max_seconds={config.max_seconds}; raise max_seconds"
+    return state, kkt, False, f"max_iter={config.max_iter}; raise max_iter"
+
+
 def _solve_fista(
     problem: GatedProblem,
     lam: float,
@@ -529,26 +557,10 @@ def _solve_fista(
             progress(s.it, s.fx, kkt)
         return kkt
 
-    kkt = check(state)
-    converged = kkt <= config.tol
-    stopped_by = "max_iter"
-    while not converged and state.it < config.max_iter:
-        state = fista_step(problem, lam, config, state)
-        last = state.it == config.max_iter
-        timed_out = config.max_seconds is not None and (time.perf_counter() - start >= config.max_seconds)
-        if state.it % config.check_every == 0 or last or timed_out:
-            kkt = check(state)
-            converged = kkt <= config.tol
-        if timed_out and not converged:
-            stopped_by = "max_seconds"
-            break
-
+    state, kkt, converged, knob = _run_until_converged(
+        state, lambda s: fista_step(problem, lam, config, s), check, config, start
+    )
     if not converged:
-        knob = (
-            f"max_seconds={config.max_seconds}; raise max_seconds"
-            if stopped_by == "max_seconds"
-            else f"max_iter={config.max_iter}; raise max_iter"
-        )
         warnings.warn(
             f"FISTA stopped at {knob} (or loosen tol): relative KKT residual {kkt:.3g} > "
             f"tol={config.tol:g} after {state.it} iterations",
