@@ -1,6 +1,7 @@
 """Device runtime: refit accepts real improvements, rejects poison, never blocks or tears predict."""
 
 import threading
+import time
 import warnings
 
 import numpy as np
@@ -169,30 +170,41 @@ def test_progress_callback_sees_every_iteration():
 
 
 def test_concurrent_predict_during_refits_is_never_torn():
-    """10,000 predicts from 4 threads while refits commit: each output is exactly one head's."""
+    """At least 10,000 predicts from 4 threads while refits commit: each output is exactly one head's.
+
+    The clients keep predicting until the refitter has committed at least two new heads, so the
+    test does not depend on how fast this machine predicts relative to how fast it refits.
+    """
     rt = _rt(config=RefitConfig(fista=FistaConfig(tol=1e-6, max_iter=400), min_improvement=0.0))
     x, y = _stream(1200, 0)
     rt.observe(x[:600], y[:600])
     probe = x[:8]
     outputs, errors = [], []
     heads = {id(rt.head): rt.head}
+    enough = threading.Event()
     stop = threading.Event()
+    deadline = time.monotonic() + 120
 
     def client():
         try:
-            for _ in range(2500):
+            n = 0
+            while (n < 2500 or not enough.is_set()) and time.monotonic() < deadline:
                 outputs.append(rt.predict(probe))
+                n += 1
         except Exception as exc:  # pragma: no cover - the assertion below reports it
             errors.append(exc)
 
     def refitter():
         k = 0
         while not stop.is_set():
-            rt.observe(*_stream(64, 100 + k, shift=0.3 * (k % 3)))
-            res = rt.refit_async(time_budget_s=0.05).result(timeout=30)
+            rt.observe(*_stream(256, 100 + k, shift=2.0 * (k % 2)))  # the target moves: refits commit
+            res = rt.refit_async(time_budget_s=5).result(timeout=30)
             heads[id(rt.head)] = rt.head
+            if len(heads) >= 3:
+                enough.set()
             k += 1
-            assert res.status != "failed", res.reason
+            if res.status == "failed":
+                errors.append(AssertionError(res.reason))
 
     bg = threading.Thread(target=refitter)
     bg.start()
@@ -203,10 +215,10 @@ def test_concurrent_predict_during_refits_is_never_torn():
         t.join()
     stop.set()
     bg.join()
-    assert not errors and len(outputs) == 10000
+    assert not errors and len(outputs) >= 10000
     served = [h.predict(probe) for h in heads.values()]
-    assert len(served) >= 2  # refits did commit while predicting
-    for out in outputs[::50]:
+    assert len(served) >= 3  # refits did commit while predicting
+    for out in outputs[:: max(1, len(outputs) // 200)]:
         assert any(np.array_equal(out, s) for s in served)
 
 
