@@ -4,7 +4,9 @@ Capture is label-free: it takes images only. A forward hook on the named module 
 module's input (its first positional argument) and output for every batch; the rest of the forward
 pass is cut short once the hooked module has run, so the model's later layers cost nothing. Each
 shard is a pair of ``.npy`` files written through ``np.lib.format.open_memmap`` (so memory holds one
-batch, not the whole set) plus a ``manifest.json`` written last, atomically.
+batch, not the whole set) plus a ``manifest.json`` written last, atomically. :func:`merge_captures`
+lists several captures (e.g. one per rank of a data-parallel capture, see
+``convexedge.host.distributed.capture_sharded``) in one manifest of the same format.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch import nn
 
 from convexedge.device.errors import ArtifactError, DataError
 
-__all__ = ["ActivationShards", "CaptureConfig", "capture_block"]
+__all__ = ["ActivationShards", "CaptureConfig", "capture_block", "merge_captures"]
 
 _MANIFEST = "manifest.json"
 _FORMAT = "convexedge.activations"
@@ -239,7 +241,51 @@ def capture_block(
         "shards": shards,
         "config": asdict(config),
     }
+    _write_manifest(out, manifest)
+    return ActivationShards.open(out)
+
+
+def _write_manifest(out: Path, manifest: dict) -> None:
     tmp = out / (_MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, out / _MANIFEST)
-    return ActivationShards.open(out)
+
+
+def merge_captures(root: str | Path, parts: list[str]) -> ActivationShards:
+    """Write ``root/manifest.json`` listing the shards of the captures ``root/<part>`` in order.
+
+    The shard files stay where they are (the manifest names them ``<part>/inputs_XXXX.npy``), so
+    ``ActivationShards.open(root)`` reads all parts as one capture; ``"parts"`` in the manifest
+    records each part's folder and sample count.
+
+    Raises:
+        ArtifactError: a part is not a finished capture, or parts differ in module, shapes or dtype.
+    """
+    root = Path(root)
+    if not parts:
+        raise ArtifactError(f"{root}: no captures to merge")
+    opened = [ActivationShards.open(root / p) for p in parts]
+    first = opened[0]
+    for part, sh in zip(parts, opened, strict=True):
+        key, want = (sh.module, sh.input_shape, sh.output_shape, sh.dtype), (
+            first.module, first.input_shape, first.output_shape, first.dtype,
+        )  # fmt: skip
+        if key != want:
+            raise ArtifactError(f"{root / part}: captured {key}, but {root / parts[0]} captured {want}")
+    manifest = {
+        "format": _FORMAT,
+        "format_version": _VERSION,
+        "module": first.module,
+        "input_shape": list(first.input_shape),
+        "output_shape": list(first.output_shape),
+        "dtype": first.dtype,
+        "count": sum(sh.count for sh in opened),
+        "shards": [
+            {"inputs": f"{part}/{fin}", "outputs": f"{part}/{fout}", "count": count}
+            for part, sh in zip(parts, opened, strict=True)
+            for fin, fout, count in sh.shards
+        ],
+        "parts": [{"folder": part, "count": sh.count} for part, sh in zip(parts, opened, strict=True)],
+    }
+    _write_manifest(root, manifest)
+    return ActivationShards.open(root)

@@ -10,10 +10,13 @@ adjoint in row chunks; :func:`solve` minimises ``1/(2n) ||A(V) - Y||_F^2 + lam *
 ``ConvergenceWarning``, never an exception. :func:`fista_init` / :func:`fista_step` expose the
 solver as pure functions over a :class:`FistaState` so a caller can run a few iterations and resume;
 :func:`solve_path` solves a decreasing ``lam`` path with warm starts and strong-rule screening.
+Both take ``checkpoint=SolverCheckpoint(folder)`` to save and resume their state, and run data
+parallel on a problem built with a reduction hook (``GatedProblem(..., comm=...)``).
 Everything runs in torch on the tensors' device (CPU or CUDA).
 """
 
 from convexedge.host.solvers.adam import AdamConfig
+from convexedge.host.solvers.checkpoint import SolverCheckpoint
 from convexedge.host.solvers.fista import (
     FistaConfig,
     FistaState,
@@ -34,6 +37,7 @@ __all__ = [
     "GatedProblem",
     "PyscnnConfig",
     "SolveResult",
+    "SolverCheckpoint",
     "fista_init",
     "fista_step",
     "group_norms",

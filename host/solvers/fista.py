@@ -36,6 +36,17 @@ Either way ``A`` and ``grad f`` are affine, so the image and the gradient at the
 extrapolated from those at the iterates instead of recomputed, and the KKT residual at the iterate
 is available every iteration at ``O(P d c)`` cost. The reported final objective is always the true
 one (one float64 forward pass over the rows).
+
+Data parallel: on a problem with a reduction hook (``GatedProblem.comm``) each rank holds its rows;
+the gradient (an adjoint), the smooth value and the line search's ``||A(z - y)||^2`` are
+all-reduced by the problem, so the iterate, the step, every line-search and restart decision and
+the KKT residual are computed from identical numbers on every rank; in gram mode the Gram is
+reduced once and the iterations need no communication. A wall-clock stop (``max_seconds``) is
+agreed by an all-reduce. A single process is the same code with world size 1.
+
+Checkpoints (``solve(..., checkpoint=SolverCheckpoint(folder))``): the state is written to
+``.npz`` files every ``every`` checked iterations and at the end, and a later call with the same
+folder resumes from it; the resumed run takes exactly the steps of an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -48,10 +59,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple, Protocol
 
+import numpy as np
 import torch
 
-from convexedge.device.errors import ConvergenceWarning
+from convexedge.device.errors import ArtifactError, ConvergenceWarning
 from convexedge.host.solvers.adam import AdamConfig, _solve_adam
+from convexedge.host.solvers.checkpoint import SolverCheckpoint, load_arrays, save_arrays
 from convexedge.host.solvers.problem import (
     GatedProblem,
     GramData,
@@ -267,7 +280,7 @@ class _Direct:
 
     def __init__(self, problem: GatedProblem) -> None:
         self.p = problem
-        self.image_shape = (problem.n, problem.c)
+        self.image_shape = (problem.n_local, problem.c)
 
     def image(self, V: torch.Tensor) -> torch.Tensor:
         return self.p.forward(V)
@@ -279,8 +292,8 @@ class _Direct:
         return self.p._smooth_from_pred(img)
 
     def quad(self, dV: torch.Tensor, dimg: torch.Tensor) -> torch.Tensor:
-        """``||A dV||^2`` given ``dimg = A dV``."""
-        return torch.linalg.vector_norm(dimg, dtype=torch.float64).square()
+        """``||A dV||^2`` given ``dimg = A dV`` (this rank's rows; summed over the ranks)."""
+        return self.p._sum_(torch.linalg.vector_norm(dimg, dtype=torch.float64).square().reshape(1))[0]
 
     def normal(self, V: torch.Tensor) -> torch.Tensor:
         return self.p.adjoint(self.p.forward(V))
@@ -507,11 +520,13 @@ def _dtype_name(problem: GatedProblem) -> str:
     return str(problem.Z.dtype).removeprefix("torch.")
 
 
-def _run_until_converged(state, step, check, config, start: float):
+def _run_until_converged(state, step, check, config, start: float, agree=bool):
     """Drive ``state = step(state)`` until ``check(state) <= config.tol`` or a cap is hit.
 
     Shared by the FISTA and proximal-Adam drivers. ``check`` is evaluated every
     ``config.check_every`` iterations, at ``max_iter`` and when ``max_seconds`` runs out.
+    ``agree`` makes the wall-clock test identical on every rank of a data-parallel solve
+    (``GatedProblem._agree``); it is only called when ``max_seconds`` is set.
 
     Returns:
         ``(state, kkt, converged, knob)``: ``knob`` names the cap that stopped an unconverged run
@@ -522,7 +537,8 @@ def _run_until_converged(state, step, check, config, start: float):
     timed_out = False
     while not converged and state.it < config.max_iter:
         state = step(state)
-        timed_out = config.max_seconds is not None and (time.perf_counter() - start >= config.max_seconds)
+        elapsed = time.perf_counter() - start
+        timed_out = config.max_seconds is not None and agree(elapsed >= config.max_seconds)
         if state.it % config.check_every == 0 or state.it == config.max_iter or timed_out:
             kkt = check(state)
             converged = kkt <= config.tol
@@ -535,31 +551,100 @@ def _run_until_converged(state, step, check, config, start: float):
     return state, kkt, False, f"max_iter={config.max_iter}; raise max_iter"
 
 
+# --------------------------------------------------------------------------------- checkpoints
+_STATE_TENSORS = ("x", "x_prev", "y", "pred_x", "pred_y", "grad_x", "grad_y")
+_STATE_SCALARS = ("t", "step", "fx", "it", "restarts")
+_HISTORY = ("iteration", "objective", "kkt", "step", "seconds")
+
+
+def _state_header(problem: GatedProblem, lam: float, config: FistaConfig) -> dict:
+    """What a FISTA checkpoint must agree on with the solve that resumes it."""
+    return {
+        "kind": "fista_state", "lam": lam, "shape": [problem.P, problem.d, problem.c],
+        "n": problem.n, "n_local": problem.n_local, "dtype": _dtype_name(problem),
+        "group": problem.group, "operator": "gram" if _use_gram(problem, config) else "direct",
+        "restart": config.restart, "monotone": config.monotone,
+        "rank": problem.rank, "world_size": problem.world_size,
+    }  # fmt: skip
+
+
+def _save_state(
+    path, problem: GatedProblem, header: dict, state: FistaState, history: dict, elapsed: float
+) -> None:
+    arrays = {k: getattr(state, k) for k in _STATE_TENSORS}
+    arrays.update({f"history_{k}": np.asarray(history[k], dtype=np.float64) for k in _HISTORY})
+    scalars = {k: getattr(state, k) for k in _STATE_SCALARS}
+    save_arrays(path, {**header, **scalars, "elapsed": elapsed}, arrays)
+    problem._same_everywhere(state.it)  # a barrier: every rank has written before anyone goes on
+
+
+def _load_state(path, problem: GatedProblem, header: dict):
+    """``(state, history, elapsed)`` from ``path``, or None; the same decision on every rank."""
+    got = load_arrays(path, header)
+    it = -1 if got is None else int(got[0]["it"])
+    if not problem._same_everywhere(it):
+        raise ArtifactError(
+            f"{path}: the ranks' checkpoints are at different iterations (this rank: {it}); a "
+            f"run died while saving: delete the checkpoint folder to start afresh"
+        )
+    if got is None:
+        return None
+    head, arrays = got
+    like = {"dtype": problem.Z.dtype, "device": problem.Z.device}
+    tensors = {k: torch.from_numpy(arrays[k]).to(**like) for k in _STATE_TENSORS}
+    state = FistaState(
+        **tensors, t=float(head["t"]), step=float(head["step"]), fx=float(head["fx"]),
+        it=int(head["it"]), restarts=int(head["restarts"]),
+    )  # fmt: skip
+    history = {k: arrays[f"history_{k}"].tolist() for k in _HISTORY}
+    return state, history, float(head["elapsed"])
+
+
 def _solve_fista(
     problem: GatedProblem,
     lam: float,
     config: FistaConfig,
     V0: torch.Tensor | None,
     progress: Callable[[int, float, float], None] | None,
+    checkpoint: SolverCheckpoint | None = None,
 ) -> SolveResult:
     start = time.perf_counter()
     if lam >= problem.lam_max():
         return _zero_result(problem, lam, start, "gram" if _use_gram(problem, config) else "direct")
-    state = fista_init(problem, lam, config, V0)
-    history: dict[str, list[float]] = {k: [] for k in ("iteration", "objective", "kkt", "step", "seconds")}
+    history: dict[str, list[float]] = {k: [] for k in _HISTORY}
+    resumed = None
+    if checkpoint is not None:
+        ck_path = checkpoint.file(problem.rank, problem.world_size)
+        header = _state_header(problem, lam, config)
+        resumed = _load_state(ck_path, problem, header)
+    if resumed is not None:
+        # The first check below records the saved last entry again: drop it from the history.
+        state, saved, elapsed = resumed
+        history = {k: v[:-1] for k, v in saved.items()}
+        start -= elapsed
+        logger.info("resuming FISTA from %s at iteration %d", ck_path, state.it)
+    else:
+        state = fista_init(problem, lam, config, V0)
+    saved_it = state.it
 
     def check(s: FistaState) -> float:
+        nonlocal saved_it
         kkt = kkt_residual(problem, s.x, lam, grad=s.grad_x)
         elapsed = time.perf_counter() - start
         for key, val in zip(history, (s.it, s.fx, kkt, s.step, elapsed), strict=True):
             history[key].append(float(val))
         if progress is not None:
             progress(s.it, s.fx, kkt)
+        if checkpoint is not None and s.it >= saved_it + checkpoint.every:
+            _save_state(ck_path, problem, header, s, history, elapsed)
+            saved_it = s.it
         return kkt
 
     state, kkt, converged, knob = _run_until_converged(
-        state, lambda s: fista_step(problem, lam, config, s), check, config, start
+        state, lambda s: fista_step(problem, lam, config, s), check, config, start, agree=problem._agree
     )
+    if checkpoint is not None and saved_it != state.it:
+        _save_state(ck_path, problem, header, state, history, time.perf_counter() - start)
     if not converged:
         warnings.warn(
             f"FISTA stopped at {knob} (or loosen tol): relative KKT residual {kkt:.3g} > "
@@ -583,6 +668,8 @@ def solve(
     V0: torch.Tensor | None = None,
     method: Literal["fista", "adam", "pyscnn"] = "fista",
     progress: Callable[[int, float, float], None] | None = None,
+    *,
+    checkpoint: SolverCheckpoint | None = None,
 ) -> SolveResult:
     """Solve ``min_V 1/(2n) ||sum_i D_i Z V_i - Y||_F^2 + lam * sum_g ||V_g||_2``.
 
@@ -607,6 +694,9 @@ def solve(
             ``group="gate_output"`` and ``pip install pyscnn==0.0.10``; its ``seconds`` count
             pyscnn's optimisation only, not the data conversion).
         progress: optional ``callable(it, objective, kkt)`` called at every checked iteration.
+        checkpoint: (fista only) save the solver state to ``checkpoint.folder`` every
+            ``checkpoint.every`` iterations and at the end, and resume from a state found there
+            (``V0`` is then ignored); see :mod:`~convexedge.host.solvers.checkpoint`.
 
     Returns:
         :class:`SolveResult`.
@@ -632,8 +722,13 @@ def solve(
             f"method={method!r} takes a {kind.__name__}, got {type(config).__name__}; pass "
             f"{kind.__name__}(...) or config=None for its defaults"
         )
+    if checkpoint is not None and (method != "fista" or not isinstance(checkpoint, SolverCheckpoint)):
+        raise ValueError(
+            f"checkpoint takes a SolverCheckpoint and method='fista', got {type(checkpoint).__name__} "
+            f"with method={method!r}"
+        )
     if method == "adam":
         return _solve_adam(problem, float(lam), config, V0, progress)
     if method == "pyscnn":
         return _solve_pyscnn(problem, float(lam), config, V0, progress)
-    return _solve_fista(problem, float(lam), config, V0, progress)
+    return _solve_fista(problem, float(lam), config, V0, progress, checkpoint)

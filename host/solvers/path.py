@@ -17,17 +17,29 @@ Departure (marked): the solver works on gates, so a gate is kept when any of its
 discarded only when all ``c`` are). The reduced problem is the full one restricted to the kept
 gates; when the full problem holds a Gram matrix, the reduced one takes a slice of it instead of
 rebuilding it.
+
+Data parallel: a problem with a reduction hook (``GatedProblem.comm``) keeps it in the reduced
+problems; screening and the KKT check use all-reduced gradients, so every rank keeps the same
+gates. Checkpoints: with ``checkpoint=SolverCheckpoint(folder)`` every finished path point is
+saved (``path_KKK``) and the running solve checkpoints as :func:`solve` does (``lamKKK_roundR``);
+a later call with the same folder and ``lams`` skips the finished points and resumes the running
+one, returning exactly what an uninterrupted run returns (``seconds`` aside).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Literal
 
+import numpy as np
 import torch
 
+from convexedge.device.errors import ArtifactError
+from convexedge.host.solvers.checkpoint import SolverCheckpoint, load_arrays, save_arrays
 from convexedge.host.solvers.fista import (
     FistaConfig,
     SolveResult,
@@ -46,7 +58,7 @@ Screen = Literal["strong", "none"]
 def _restrict(problem: GatedProblem, keep: torch.Tensor) -> GatedProblem:
     """The problem on the gates ``keep`` (sorted int64 indices); shares ``Z`` and ``Y``."""
     sub = GatedProblem(Z=problem.Z, Y=problem.Y, masks=problem.masks[:, keep], group=problem.group,
-                       row_chunk=problem.row_chunk)  # fmt: skip
+                       row_chunk=problem.row_chunk, comm=problem.comm)  # fmt: skip
     if problem._aty is not None:
         sub._aty = problem._aty[keep]
     if problem.has_gram:
@@ -83,6 +95,7 @@ def _solve_screened(
     V0: torch.Tensor | None,
     method: str,
     progress: Callable[[int, float, float], None] | None,
+    checkpoint: SolverCheckpoint | None = None,
 ) -> tuple[SolveResult, dict, torch.Tensor]:
     """Solve on the gates ``keep``, then add KKT violators among the others until there are none.
 
@@ -96,7 +109,12 @@ def _solve_screened(
         rounds += 1
         sub = _restrict(problem, keep)
         V0_sub = None if V0 is None else V0[keep]
-        res = solve(sub, lam, config, V0=V0_sub, method=method, progress=progress)
+        ck = (
+            None
+            if checkpoint is None
+            else dataclasses.replace(checkpoint, name=f"{checkpoint.name}_round{rounds}")
+        )
+        res = solve(sub, lam, config, V0=V0_sub, method=method, progress=progress, checkpoint=ck)
         iterations += res.iterations
         V = _embed(problem, keep, res.V)
         grad = _full_grad(problem, V, config)
@@ -129,6 +147,7 @@ def solve_path(
     screen: Screen = "strong",
     V0: torch.Tensor | None = None,
     progress: Callable[[int, float, float], None] | None = None,
+    checkpoint: SolverCheckpoint | None = None,
 ) -> list[SolveResult]:
     """Solve ``min_V 1/(2n) ||A(V) - Y||^2 + lam sum_g ||V_g||`` for each ``lam`` of a decreasing path.
 
@@ -146,6 +165,8 @@ def solve_path(
         screen: ``"strong"`` or ``"none"``.
         V0: (P, d, c) warm start for the first ``lam`` (screening then starts from its gradient).
         progress: passed to every solve.
+        checkpoint: (fista only) save finished points and the running solve's state to
+            ``checkpoint.folder``, and resume from them (see the module docstring).
 
     Returns:
         One :class:`SolveResult` per ``lam``, in order; ``result.history["screening"]`` holds
@@ -171,6 +192,11 @@ def solve_path(
         raise ValueError(f"method must be 'fista' or 'adam' for a path, got {method!r}")
     if screen not in ("strong", "none"):
         raise ValueError(f"screen must be 'strong' or 'none', got {screen!r}")
+    if checkpoint is not None and (method != "fista" or not isinstance(checkpoint, SolverCheckpoint)):
+        raise ValueError(
+            f"checkpoint takes a SolverCheckpoint and method='fista', got {type(checkpoint).__name__} "
+            f"with method={method!r}"
+        )
     if config is None:
         from convexedge.host.solvers.adam import AdamConfig
 
@@ -187,7 +213,13 @@ def solve_path(
         V, lam_prev = V0, max(lam_max, lams[0])
         scores = _gate_scores(problem, _full_grad(problem, V0.to(problem.Z.dtype), config))
     results = []
-    for lam in lams:
+    for k, lam in enumerate(lams):
+        done = None if checkpoint is None else _load_point(problem, checkpoint, k, lam, lams)
+        if done is not None:  # finished before: its gradient (for the screening) is recomputed
+            results.append(done)
+            V, lam_prev = done.V, lam
+            scores = _gate_scores(problem, _full_grad(problem, V, config))
+            continue
         if screen == "strong" and lam < lam_max:
             keep = torch.nonzero(scores >= 2.0 * lam - lam_prev).flatten()
             if V is not None:  # gates active in the warm start always stay
@@ -197,9 +229,59 @@ def solve_path(
                 keep = all_gates[:1]
         else:
             keep = all_gates
-        res, info, grad = _solve_screened(problem, lam, keep, config, V, method, progress)
+        ck = None if checkpoint is None else dataclasses.replace(checkpoint, name=f"lam{k:03d}")
+        res, info, grad = _solve_screened(problem, lam, keep, config, V, method, progress, ck)
         res.history["screening"] = [info["kept_gates"], info["readded_gates"], info["rounds"]]
+        if checkpoint is not None:
+            _save_point(problem, checkpoint, k, lams, res)
         results.append(res)
         V, lam_prev = res.V, lam
         scores = _gate_scores(problem, grad)
     return results
+
+
+# --------------------------------------------------------------------------------- checkpoints
+_RESULT_FIELDS = ("lam", "objective", "iterations", "converged", "kkt_residual", "seconds", "restarts",
+                  "group", "dtype", "device", "operator")  # fmt: skip
+
+
+def _point_header(problem: GatedProblem, lams: list[float]) -> dict:
+    return {
+        "kind": "path_point", "lams": lams, "shape": [problem.P, problem.d, problem.c], "n": problem.n,
+        "dtype": str(problem.Z.dtype).removeprefix("torch."), "group": problem.group,
+        "rank": problem.rank, "world_size": problem.world_size,
+    }  # fmt: skip
+
+
+def _save_point(
+    problem: GatedProblem, ck: SolverCheckpoint, k: int, lams: list[float], res: SolveResult
+) -> None:
+    fields = {f: getattr(res, f) for f in _RESULT_FIELDS}
+    header = {
+        **_point_header(problem, lams),
+        "index": k,
+        "result": fields,
+        "history": json.dumps(res.history),
+    }
+    save_arrays(ck.file(problem.rank, problem.world_size, f"path_{k:03d}"), header, {"V": res.V})
+    problem._same_everywhere(k)  # every rank has written before any goes on
+
+
+def _load_point(
+    problem: GatedProblem, ck: SolverCheckpoint, k: int, lam: float, lams: list[float]
+) -> SolveResult | None:
+    """The saved result of point ``k``, or None; the same decision on every rank."""
+    path = ck.file(problem.rank, problem.world_size, f"path_{k:03d}")
+    got = load_arrays(path, {**_point_header(problem, lams), "index": k})
+    if not problem._same_everywhere(int(got is not None)):
+        raise ArtifactError(
+            f"{path}: path point {k} was saved by some ranks only; delete the checkpoint folder to restart"
+        )
+    if got is None:
+        return None
+    header, arrays = got
+    V = torch.from_numpy(np.ascontiguousarray(arrays["V"])).to(dtype=problem.Z.dtype, device=problem.Z.device)
+    fields = header["result"]
+    if fields["lam"] != lam:  # pragma: no cover - lams are part of the header
+        raise ArtifactError(f"{path}: saved for lam={fields['lam']}, not {lam}")
+    return SolveResult(V=V, history=json.loads(header["history"]), **fields)

@@ -25,6 +25,15 @@ from one thread at a time (the operator reuses one chunk-sized workspace buffer)
 ``B = A^T Y`` and ``||Y||^2``. With it ``grad f(V) = (G V - B) / n`` costs one ``(P d)^2 c`` GEMM
 instead of two passes over the ``n`` rows, which pays off when ``n >> P d`` and several solves (a
 ``lam`` path) share one problem.
+
+Data parallel (a reduction hook): with ``comm`` set (a :class:`Reducer`, e.g.
+:class:`convexedge.host.distributed.Comm` over a ``torch.distributed`` process group), ``Z``, ``Y``
+and ``masks`` hold only *this rank's* rows and the problem stands for the stacked rows of all ranks.
+Every sum over rows is then all-reduced: :meth:`adjoint` (hence ``grad f``, ``A^T Y``,
+``lam_max``), the smooth value, :meth:`objective`, the Gram and ``||Y||^2``; ``n`` is the global
+sample count. Quantities indexed by rows (:meth:`forward`, the predictions) stay local. Every rank
+must call these methods in the same order (they are collectives). Without ``comm`` (the default)
+the problem is the single-process one: world size 1, the same code.
 """
 
 from __future__ import annotations
@@ -32,20 +41,34 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
 
 from convexedge.device.errors import DataError
 
-__all__ = ["GatedProblem", "GramData", "group_norms", "prox_group"]
+__all__ = ["GatedProblem", "GramData", "Reducer", "group_norms", "prox_group"]
 
 logger = logging.getLogger(__name__)
 
 Group = Literal["gate", "gate_output"]
 _GROUPS = ("gate", "gate_output")
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class Reducer(Protocol):
+    """The reduction hook of a data-parallel :class:`GatedProblem` (one object per rank).
+
+    ``sum_(t)`` and ``max_(t)`` replace ``t`` in place by its elementwise sum / max over all ranks
+    (an all-reduce) and return it; every rank gets bit-identical results.
+    """
+
+    rank: int
+    world_size: int
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor: ...
+    def max_(self, t: torch.Tensor) -> torch.Tensor: ...
 
 
 def _check_group(group: str) -> None:
@@ -183,6 +206,8 @@ class GatedProblem:
         group: ``"gate"`` (default, shared second layer) or ``"gate_output"`` (one-vs-all).
         row_chunk: rows per chunk in :meth:`forward` / :meth:`adjoint`; memory is
             ``O(row_chunk * P * c)``.
+        comm: reduction hook (see the module docstring); ``None``: this process holds all rows.
+            Building a problem with ``comm`` all-reduces the row count, a collective.
 
     Example:
         >>> import numpy as np
@@ -198,6 +223,8 @@ class GatedProblem:
     masks: torch.Tensor
     group: Group = "gate"
     row_chunk: int = 16384
+    comm: Reducer | None = None
+    _n: int = field(default=0, init=False, repr=False)
     _grad0_norms: torch.Tensor | None = field(default=None, init=False, repr=False)
     _aty: torch.Tensor | None = field(default=None, init=False, repr=False)
     _gram: GramData | None = field(default=None, init=False, repr=False)
@@ -227,6 +254,9 @@ class GatedProblem:
             raise DataError(f"masks must be bool, got {M.dtype}; pass masks.bool()")
         if not (Z.device == Y.device == M.device):
             raise DataError(f"Z, Y, masks must be on one device, got {Z.device}, {Y.device}, {M.device}")
+        self._n = int(Z.shape[0])
+        if self.comm is not None:
+            self._n = int(self.comm.sum_(torch.tensor([self._n], dtype=torch.int64, device=Z.device)))
 
     @classmethod
     def from_arrays(
@@ -239,6 +269,7 @@ class GatedProblem:
         dtype: str | torch.dtype = "float32",
         device: str | torch.device = "cpu",
         row_chunk: int = 16384,
+        comm: Reducer | None = None,
     ) -> GatedProblem:
         """Validate numpy arrays / tensors (np.memmap included) once and build the problem.
 
@@ -250,6 +281,7 @@ class GatedProblem:
             dtype: ``"float32"`` (default) or ``"float64"`` (or the torch dtype).
             device: where the operator runs (``"cpu"``, ``"cuda"``, ...).
             row_chunk: rows per chunk in the operator.
+            comm: reduction hook when the arrays are this rank's rows of a data-parallel problem.
 
         Raises:
             DataError: not 2-D, different n, masks not bool, empty, or NaN/Inf values.
@@ -294,13 +326,45 @@ class GatedProblem:
         Mt = _to_tensor(masks, "masks", None, dev)
         _check_finite(Zt, "Z", dtype_name)
         _check_finite(Yt, "Y", dtype_name)
-        return cls(Z=Zt, Y=Yt, masks=Mt, group=group, row_chunk=row_chunk)
+        return cls(Z=Zt, Y=Yt, masks=Mt, group=group, row_chunk=row_chunk, comm=comm)
 
     # ----------------------------------------------------------------------------- sizes
     @property
     def n(self) -> int:
-        """Number of samples."""
+        """Number of samples (of all ranks; the ``1/n`` of the loss)."""
+        return self._n
+
+    @property
+    def n_local(self) -> int:
+        """Rows held by this process (``n`` unless the problem is data-parallel)."""
         return int(self.Z.shape[0])
+
+    def _sum_(self, t: torch.Tensor) -> torch.Tensor:
+        """All-reduce ``t`` in place over the ranks (nothing without ``comm``)."""
+        return t if self.comm is None else self.comm.sum_(t)
+
+    @property
+    def rank(self) -> int:
+        """This process's rank (0 without ``comm``)."""
+        return 0 if self.comm is None else int(self.comm.rank)
+
+    @property
+    def world_size(self) -> int:
+        """Number of ranks sharing the rows (1 without ``comm``)."""
+        return 1 if self.comm is None else int(self.comm.world_size)
+
+    def _same_everywhere(self, value: int) -> bool:
+        """Whether the int ``value`` is equal on every rank (one all-reduce; True without ``comm``)."""
+        if self.comm is None:
+            return True
+        t = self.comm.max_(torch.tensor([value, -value], dtype=torch.int64, device=self.Z.device))
+        return int(t[0]) == -int(t[1])
+
+    def _agree(self, flag: bool) -> bool:
+        """``flag`` made identical on every rank (true if any rank's is); for wall-clock stops."""
+        if self.comm is None:
+            return flag
+        return bool(self.comm.max_(torch.tensor([int(flag)], dtype=torch.int64, device=self.Z.device)))
 
     @property
     def d(self) -> int:
@@ -319,8 +383,9 @@ class GatedProblem:
 
     # ----------------------------------------------------------------------------- operator
     def _chunks(self):
-        for start in range(0, self.n, self.row_chunk):
-            yield slice(start, min(start + self.row_chunk, self.n))
+        n = self.n_local
+        for start in range(0, n, self.row_chunk):
+            yield slice(start, min(start + self.row_chunk, n))
 
     def _workspace(self, m: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
         """An (m, cols) view of one reused flat buffer of row_chunk * P * c elements.
@@ -328,7 +393,7 @@ class GatedProblem:
         Allocating a fresh chunk-sized buffer per call costs page faults on CPU comparable to the
         GEMM it feeds. The reuse makes the operator non-reentrant (one thread per problem).
         """
-        size = min(self.row_chunk, self.n) * self.P * self.c
+        size = min(self.row_chunk, self.n_local) * self.P * self.c
         buf = self._buf
         if buf is None or buf.dtype != dtype or buf.device != self.Z.device:
             buf = torch.empty(size, dtype=dtype, device=self.Z.device)
@@ -342,7 +407,7 @@ class GatedProblem:
         # Gates whose whole V_i is zero (pruned by the prox) cost nothing: drop them.
         active = V.reshape(P, -1).ne(0).any(dim=1)  # NaN counts as active: never hide it
         n_active = int(active.sum())
-        out = torch.zeros((self.n, c), dtype=dtype, device=self.Z.device)
+        out = torch.zeros((self.n_local, c), dtype=dtype, device=self.Z.device)
         if n_active == 0:
             return out
         if n_active < P:
@@ -359,24 +424,24 @@ class GatedProblem:
         return out
 
     def forward(self, V: torch.Tensor) -> torch.Tensor:
-        """Prediction ``A(V) = sum_i D_i Z V_i``.
+        """Prediction ``A(V) = sum_i D_i Z V_i`` (of this rank's rows).
 
         Args:
             V: (P, d, c) in the problem's dtype.
 
         Returns:
-            (n, c).
+            (n_local, c).
         """
         return self._forward(V, self.Z.dtype)
 
     def adjoint(self, R: torch.Tensor) -> torch.Tensor:
-        """Adjoint ``A^T(R)``: ``(D_i Z)^T R`` for every gate (no ``1/n``).
+        """Adjoint ``A^T(R)``: ``(D_i Z)^T R`` for every gate (no ``1/n``), summed over all ranks.
 
         Args:
-            R: (n, c) in the problem's dtype.
+            R: (n_local, c) in the problem's dtype (this rank's rows).
 
         Returns:
-            (P, d, c).
+            (P, d, c), identical on every rank.
         """
         P, c, d = self.P, R.shape[1], self.d
         R = R.to(self.Z.dtype)
@@ -386,19 +451,20 @@ class GatedProblem:
             M = self._workspace(m, P * c, self.Z.dtype)
             torch.mul(R[sl, None, :], self.masks[sl, :, None].to(R.dtype), out=M.view(m, P, c))
             acc.addmm_(self.Z[sl].T, M)
+        self._sum_(acc)
         return acc.view(d, P, c).permute(1, 0, 2).contiguous()
 
     # ----------------------------------------------------------------------------- objective
     def _smooth_from_pred(self, pred: torch.Tensor) -> float:
-        """``1/(2n) ||pred - Y||^2`` accumulated in float64."""
-        r = torch.linalg.vector_norm(pred - self.Y, dtype=torch.float64)
-        return float(0.5 * r.square() / self.n)
+        """``1/(2n) ||pred - Y||^2`` accumulated in float64 (over all ranks)."""
+        r2 = torch.linalg.vector_norm(pred - self.Y, dtype=torch.float64).square()
+        return float(0.5 * self._sum_(r2.reshape(1)) / self.n)
 
     def smooth(self, V: torch.Tensor) -> tuple[float, torch.Tensor]:
         """Smooth part ``1/(2n) ||A(V) - Y||_F^2`` (float64 accumulation) and the prediction.
 
         Returns:
-            ``(value, pred)`` with ``pred: (n, c)`` in the problem's dtype.
+            ``(value, pred)`` with ``pred: (n_local, c)`` in the problem's dtype.
         """
         pred = self.forward(V)
         return self._smooth_from_pred(pred), pred
@@ -415,8 +481,8 @@ class GatedProblem:
             lam: regularisation strength.
         """
         pred = self._forward(V, torch.float64)
-        r = pred - self.Y.to(torch.float64)
-        return float(0.5 * r.square().sum() / self.n + lam * self.penalty(V))
+        r2 = (pred - self.Y.to(torch.float64)).square().sum()
+        return float(0.5 * self._sum_(r2.reshape(1)) / self.n + lam * self.penalty(V))
 
     def _adjoint_y(self) -> torch.Tensor:
         """``A^T Y`` (P, d, c) in the problem's dtype (cached; shared by lam_max and the Gram)."""
@@ -479,6 +545,7 @@ class GatedProblem:
                         acc[j].addmm_(Zs.T, Zs)
                     else:
                         acc[j] += torch.mm(Zs.T, Zs)
+            self._sum_(acc[i:])  # data parallel: the float64 blocks summed over ranks, then rounded
             for j in range(i, P):
                 # A GEMM of Zs^T Zs is symmetric only up to summation order: symmetrise exactly.
                 blk = (0.5 * (acc[j] + acc[j].T)).to(dt)
@@ -486,7 +553,7 @@ class GatedProblem:
                 if j != i:
                     # Z^T D Z is symmetric, so G_ji = G_ij^T = G_ij.
                     G[j * d : (j + 1) * d, i * d : (i + 1) * d] = blk
-        yy = float(torch.linalg.vector_norm(self.Y, dtype=torch.float64).square())
+        yy = float(self._sum_(torch.linalg.vector_norm(self.Y, dtype=torch.float64).square().reshape(1)))
         self._gram = GramData(G=G, B=self._adjoint_y(), yy=yy, seconds=time.perf_counter() - start)
         logger.debug(
             "built Gram (P d = %d, %.1f MB) in %.2f s",
