@@ -162,7 +162,40 @@ class GramData:
         return tuple(int(s) for s in self.B.shape)  # type: ignore[return-value]
 
 
-class _RowOp:
+class _Anchor:
+    """The optional proximal term ``mu/2 ||V - V_ref||^2`` that pulls a refit toward a reference head.
+
+    It is added to the smooth part (gradient ``mu (V - V_ref)``, curvature ``mu``), so FISTA solves a
+    strongly convex problem whose solution stays near ``V_ref`` where the stream says little.
+    """
+
+    mu: float = 0.0
+    anchor: np.ndarray | None = None
+
+    def set_anchor(self, anchor: np.ndarray | None, mu: float) -> None:
+        if mu < 0 or not math.isfinite(mu):
+            raise ValueError(f"mu must be a finite number >= 0, got {mu!r}")
+        if anchor is not None and tuple(anchor.shape) != tuple(self.shape):  # type: ignore[attr-defined]
+            raise ValueError(f"anchor must have shape (P, d, c) = {self.shape}, got {anchor.shape}")  # type: ignore[attr-defined]
+        self.anchor, self.mu = (anchor, float(mu)) if anchor is not None and mu > 0 else (None, 0.0)
+
+    def full_grad(self, V: np.ndarray, img: np.ndarray) -> np.ndarray:
+        g = self.grad(img)  # type: ignore[attr-defined]
+        if self.anchor is not None:
+            t = np.subtract(V, self.anchor)
+            t *= np.float32(self.mu)
+            g += t
+        return g
+
+    def full_smooth(self, V: np.ndarray, img: np.ndarray) -> float:
+        f = self.smooth(V, img)  # type: ignore[attr-defined]
+        if self.anchor is not None:
+            t = np.subtract(V, self.anchor)
+            f += 0.5 * self.mu * float(np.dot(t.ravel(), t.ravel()))
+        return f
+
+
+class _RowOp(_Anchor):
     """Image = predictions ``A(V)`` (n, c); each product is one chunked pass over the rows."""
 
     def __init__(self, data: RowData, row_chunk: int) -> None:
@@ -239,7 +272,7 @@ class _RowOp:
         return self.adjoint(self.image(V))
 
 
-class _GramOp:
+class _GramOp(_Anchor):
     """Image = ``G V`` (P, d, c); no pass over rows."""
 
     def __init__(self, data: GramData) -> None:
@@ -270,9 +303,16 @@ class _GramOp:
         return self.image(V)
 
 
-def make_operator(data: RowData | GramData, config: FistaConfig) -> _RowOp | _GramOp:
-    """The operator of ``data`` (row passes or Gram products)."""
-    return _RowOp(data, config.row_chunk) if isinstance(data, RowData) else _GramOp(data)
+def make_operator(
+    data: RowData | GramData, config: FistaConfig, *, anchor: np.ndarray | None = None, mu: float = 0.0
+) -> _RowOp | _GramOp:
+    """The operator of ``data`` (row passes or Gram products).
+
+    With ``anchor`` (P, d, c) and ``mu > 0`` the smooth part gains ``mu/2 ||V - anchor||^2``.
+    """
+    op = _RowOp(data, config.row_chunk) if isinstance(data, RowData) else _GramOp(data)
+    op.set_anchor(anchor, mu)
+    return op
 
 
 # ----------------------------------------------------------------------------- certificate
@@ -329,6 +369,8 @@ def _estimate_step(op: _RowOp | _GramOp) -> float:
     L = 0.0
     for _ in range(_POWER_ITERS):
         w = op.normal(v) / np.float32(op.n)
+        if op.mu:
+            w += np.float32(op.mu) * v
         L = float(np.linalg.norm(w))
         if L == 0.0:
             return 1.0
@@ -347,8 +389,8 @@ def fista_init(
             raise ValueError(f"V0 must have shape (P, d, c) = {op.shape}, got {V0.shape}")
         x = np.array(V0, dtype=np.float32, copy=True)
     img = op.image(x)
-    grad = op.grad(img)
-    fx = op.smooth(x, img) + lam * _penalty(x, group)
+    grad = op.full_grad(x, img)
+    fx = op.full_smooth(x, img) + lam * _penalty(x, group)
     step = config.step_init if config.step_init is not None else _estimate_step(op)
     return FistaState(x, x, 1.0, float(step), img, img, fx, 0, 0, grad, grad)
 
@@ -385,12 +427,12 @@ def fista_step(
         quad = _dot(dimg, dimg) if isinstance(op, _RowOp) else _dot(diff, dimg)
         del dimg
         # Cancellation-free sufficient-decrease test for a quadratic f (host's departure, same form).
-        if quad / n <= dz / step:
+        if quad / n + op.mu * dz <= dz / step:
             break
         if trial < _MAX_TRIALS - 1:
             step *= config.backtrack
-    grad_z = op.grad(img_z)
-    fz = op.smooth(z, img_z) + lam * _penalty(z, group)
+    grad_z = op.full_grad(z, img_z)
+    fz = op.full_smooth(z, img_z) + lam * _penalty(z, group)
     w = np.subtract(z, s.x)  # x_{k+1} - x_k, reused for the momentum step
     if config.restart == "gradient":  # O'Donoghue & Candès 2015: (y_k - x_{k+1})^T (x_{k+1} - x_k) > 0
         restart = -_dot(diff, w) > 0

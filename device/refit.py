@@ -31,9 +31,10 @@ import numpy as np
 
 from convexedge.device.buffer import BufferConfig, StreamBuffer
 from convexedge.device.errors import ConvergenceWarning, DataError, RefitBusyError
-from convexedge.device.fista import FistaConfig, fista_init, fista_step, kkt_residual, make_operator
+from convexedge.device.fista import FistaConfig
 from convexedge.device.head import ConvexHead, check_features
 from convexedge.device.store import HeadStore
+from convexedge.device.worker import RefitWorker, solve
 
 __all__ = ["RefitConfig", "RefitJob", "RefitProgress", "RefitResult", "RefitRuntime"]
 
@@ -50,6 +51,9 @@ class RefitConfig:
     # Regularisation strength; None: the serving head's own lam.
     lam: float | None = None
     fista: FistaConfig = field(default_factory=FistaConfig)
+    # Proximal pull toward the serving head: the refit adds anchor/2 ||V - V_serving||^2 to the
+    # objective (0: none). It keeps what the head learned where the small stream says little.
+    anchor: float = 0.0
     min_train: int = 32  # fewer training samples: the refit is rejected without solving
     min_val: int = 16  # fewer held-out samples: rejected (nothing to judge the candidate on)
     # Commit only if val_loss_after < val_loss_before * (1 - min_improvement).
@@ -62,6 +66,8 @@ class RefitConfig:
             isinstance(self.lam, (int, float)) and math.isfinite(self.lam) and self.lam >= 0
         ):
             raise ValueError(f"lam must be None or a finite number >= 0, got {self.lam!r}")
+        if not (isinstance(self.anchor, (int, float)) and math.isfinite(self.anchor) and self.anchor >= 0):
+            raise ValueError(f"anchor must be a finite number >= 0, got {self.anchor!r}")
         if not isinstance(self.fista, FistaConfig):
             raise ValueError(f"fista must be a FistaConfig, got {type(self.fista).__name__}")
         for name in ("min_train", "min_val"):
@@ -123,8 +129,13 @@ class RefitResult:
 class RefitJob:
     """A refit running in a background thread (returned by :meth:`RefitRuntime.refit_async`)."""
 
-    def __init__(self, target: Callable[[threading.Event], RefitResult]) -> None:
+    def __init__(
+        self,
+        target: Callable[[threading.Event], RefitResult],
+        on_cancel: Callable[[], None] | None = None,
+    ) -> None:
         self._cancel = threading.Event()
+        self._on_cancel = on_cancel
         self._result: RefitResult | None = None
         self._thread = threading.Thread(
             target=self._run, args=(target,), name="convexedge-refit", daemon=True
@@ -137,6 +148,8 @@ class RefitJob:
     def cancel(self) -> None:
         """Ask the refit to stop after the current iteration (its status becomes ``cancelled``)."""
         self._cancel.set()
+        if self._on_cancel is not None:
+            self._on_cancel()
 
     def done(self) -> bool:
         return not self._thread.is_alive()
@@ -180,6 +193,13 @@ class RefitRuntime:
             capacity is derived from it when ``buffer.capacity`` is None.
         buffer: stream buffer settings.
         config: refit settings.
+        executor: ``"thread"`` solves in the refit's thread (no extra process; the solver holds
+            Python's GIL between numpy calls, so predict latency rises during a refit);
+            ``"process"`` solves in a persistent worker process (spawned at construction) and
+            keeps predict latency flat; the worker's interpreter memory is outside
+            ``memory_budget_mb``. Call :meth:`close` (or use ``with``) to stop it. As with any
+            ``spawn`` process, the app's main module must be import-safe (the usual
+            ``if __name__ == "__main__":`` guard).
 
     Raises:
         ValueError: the buffer and a refit cannot fit in ``memory_budget_mb`` (the message gives
@@ -193,7 +213,10 @@ class RefitRuntime:
         memory_budget_mb: float = 4.0,
         buffer: BufferConfig | None = None,
         config: RefitConfig | None = None,
+        executor: Literal["thread", "process"] = "thread",
     ) -> None:
+        if executor not in ("thread", "process"):
+            raise ValueError(f"executor must be 'thread' or 'process', got {executor!r}")
         buffer = BufferConfig() if buffer is None else buffer
         config = RefitConfig() if config is None else config
         if not (
@@ -223,6 +246,20 @@ class RefitRuntime:
         self._norm_head = head  # the head whose normalisation and gates the buffer's rows use
         self._busy = threading.Lock()
         self._last_step: float | None = None
+        self.executor = executor
+        # the worker process starts now so its interpreter is warm by the first refit
+        self._worker: RefitWorker | None = RefitWorker() if executor == "process" else None
+
+    def close(self) -> None:
+        """Stop the refit worker process, if any (a later refit would start a new one)."""
+        if self._worker is not None:
+            self._worker.close()
+
+    def __enter__(self) -> RefitRuntime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # ------------------------------------------------------------------ memory
     def _workspace_bytes(self, head: ConvexHead, buffer: BufferConfig, n: int | None = None) -> int:
@@ -343,7 +380,7 @@ class RefitRuntime:
             finally:
                 self._busy.release()
 
-        return RefitJob(target)
+        return RefitJob(target, None if self._worker is None else self._worker.cancel)
 
     @staticmethod
     def _check_budget(time_budget_s: float) -> None:
@@ -394,42 +431,43 @@ class RefitRuntime:
             fcfg = cfg.fista
             if fcfg.step_init is None and self._last_step is not None:
                 fcfg = FistaConfig(**{**asdict(fcfg), "step_init": self._last_step})
-            op = make_operator(snap.train, fcfg)
             deadline = t0 + time_budget_s
-            ts = time.perf_counter()
-            state = fista_init(op, lam, fcfg, head.V, head.group)
-            kkt = kkt_residual(op, state.x, lam, state.grad_x, head.group)
-            converged = kkt <= fcfg.tol
-            status: Status | None = None
-            while not converged and state.it < fcfg.max_iter:
-                if cancel.is_set():
-                    status = "cancelled"
-                    break
-                if time.perf_counter() >= deadline:
-                    break
-                state = fista_step(op, lam, fcfg, state, head.group)
-                kkt = kkt_residual(op, state.x, lam, state.grad_x, head.group)
-                converged = kkt <= fcfg.tol
-                if on_progress is not None:
-                    on_progress(RefitProgress(state.it, state.fx, kkt, time.perf_counter() - t0))
-            solve_s = time.perf_counter() - ts
+            on_iter = None
+            if on_progress is not None:
+
+                def on_iter(it: int, fx: float, kkt: float) -> None:
+                    on_progress(RefitProgress(it, fx, kkt, time.perf_counter() - t0))
+
+            if self._worker is not None:
+                out = self._worker.solve(
+                    snap.train, head.V, lam, fcfg, head.group, anchor_mu=cfg.anchor,
+                    deadline=deadline, on_iter=on_iter, cancel=cancel,
+                )  # fmt: skip
+                cancelled = out.cancelled
+            else:
+                out = solve(
+                    snap.train, head.V, lam, fcfg, head.group, anchor_mu=cfg.anchor,
+                    should_stop=cancel.is_set, deadline=deadline, on_iter=on_iter,
+                )  # fmt: skip
+                cancelled = out.cancelled
+            kkt, converged = out.kkt, out.converged
             common = {
-                "iterations": state.it, "converged": converged, "kkt_residual": kkt,
-                "n_train": snap.n_train, "n_val": n_val, "solve_seconds": solve_s, "lam": lam,
+                "iterations": out.iterations, "converged": converged, "kkt_residual": kkt,
+                "n_train": snap.n_train, "n_val": n_val, "solve_seconds": out.seconds, "lam": lam,
             }  # fmt: skip
-            if status == "cancelled":
+            if cancelled and not converged:
                 return RefitResult(
                     "cancelled", "cancelled by the app", seconds=time.perf_counter() - t0, **common
                 )
-            if state.it == 0 and not converged:
+            if out.iterations == 0 and not converged:
                 return RefitResult(
                     "out_of_budget",
                     f"time budget {time_budget_s:g} s ran out before one iteration; raise time_budget_s",
                     seconds=time.perf_counter() - t0, **common,
                 )  # fmt: skip
-            self._last_step = state.step
-            x = state.x
-            del state, op  # release the solver's memory before the candidate head is built
+            self._last_step = out.step
+            x = out.x
+            del out  # release the solver's memory before the candidate head is built
             if not np.isfinite(x).all():
                 return RefitResult(
                     "failed", "the solve produced NaN/Inf", seconds=time.perf_counter() - t0, **common

@@ -32,17 +32,25 @@ class RefitOptions:
     mode: Literal["reservoir", "window", "gram"] = "reservoir"
     chunk: int = 64  # samples per observe() call
     confirm: bool = False  # confirm an accepted head (otherwise the next open may roll it back)
+    anchor: float = 0.0  # RefitConfig.anchor: pull toward the serving head (0: none)
+    executor: Literal["thread", "process"] = "thread"  # where the solve runs
 
 
 def run_refit(opt: RefitOptions) -> dict:
     """Stream the activations, refit once, return (and print) the result."""
-    from convexedge.device import BufferConfig, HeadStore, RefitRuntime
+    from convexedge.device import BufferConfig, HeadStore, RefitConfig, RefitRuntime
 
     files = sorted(Path(opt.activations).glob("*.npz"))
     if not files:
         raise DataError(f"no *.npz activation files in {opt.activations} (each needs x and target)")
     store = HeadStore.open(opt.heads)
-    runtime = RefitRuntime(store, memory_budget_mb=opt.memory_budget_mb, buffer=BufferConfig(mode=opt.mode))
+    runtime = RefitRuntime(
+        store,
+        memory_budget_mb=opt.memory_budget_mb,
+        buffer=BufferConfig(mode=opt.mode),
+        config=RefitConfig(anchor=opt.anchor),
+        executor=opt.executor,
+    )
     seen = 0
     for path in files:
         try:
@@ -53,7 +61,10 @@ def run_refit(opt: RefitOptions) -> dict:
         for s in range(0, len(x), opt.chunk):
             runtime.observe(x[s : s + opt.chunk], target[s : s + opt.chunk])
         seen += len(x)
-    result = runtime.refit(time_budget_s=opt.time_budget_s)
+    try:
+        result = runtime.refit(time_budget_s=opt.time_budget_s)
+    finally:
+        runtime.close()
     if result.status == "accepted" and opt.confirm:
         store.confirm()
     report = {"observed": seen, "memory_bytes": runtime.memory_bytes(), **result.to_dict()}

@@ -317,3 +317,75 @@ def test_rollback_in_the_store_is_served_at_once(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         assert rt.refit(time_budget_s=10).status in ("accepted", "rejected")
+
+
+def _filled(rt, n=700, seed=0):
+    x, y = _stream(n, seed)
+    for s in range(0, n, 64):
+        rt.observe(x[s : s + 64], y[s : s + 64])
+    return rt
+
+
+def test_process_executor_matches_the_thread_solve_and_keeps_the_semantics():
+    cfg = RefitConfig(fista=FistaConfig(tol=1e-5), anchor=0.1)
+    thread_rt = _filled(_rt(config=cfg))
+    with _filled(_rt(config=cfg, executor="process")) as rt:
+        a, b = thread_rt.refit(time_budget_s=30), rt.refit(time_budget_s=30)
+        assert a.status == b.status == "accepted", (a.reason, b.reason)
+        assert a.iterations == b.iterations
+        np.testing.assert_allclose(rt.head.V, thread_rt.head.V, rtol=1e-5, atol=1e-6)
+        seen = []
+        rt.buffer.clear()
+        _filled(rt, seed=3)
+        res = rt.refit(time_budget_s=30, on_progress=seen.append)
+        assert [p.iteration for p in seen] == list(range(1, res.iterations + 1))
+
+
+def test_process_executor_cancel_failure_and_worker_death():
+    import os
+    import signal
+
+    cfg = RefitConfig(fista=FistaConfig(tol=0.0, max_iter=10**6))
+    with _filled(_rt(config=cfg, executor="process")) as rt:
+        before = rt.head
+        job = rt.refit_async(time_budget_s=60)
+        time.sleep(0.3)
+        job.cancel()
+        assert job.result(timeout=30).status == "cancelled"
+        assert rt.refit(time_budget_s=1e-9).status == "out_of_budget"
+
+        def boom(progress):
+            raise RuntimeError("callback broke")
+
+        res = rt.refit_async(time_budget_s=30, on_progress=boom).result(timeout=30)
+        assert res.status == "failed" and "callback broke" in res.reason and rt.head is before
+        job = rt.refit_async(time_budget_s=60)
+        time.sleep(0.3)
+        os.kill(rt._worker.pid, signal.SIGKILL)
+        res = job.result(timeout=30)
+        assert res.status == "failed" and "died" in res.reason and rt.head is before
+        with warnings.catch_warnings():  # tol=0: the solve always ends unconverged
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            assert rt.refit(time_budget_s=0.5).status in ("accepted", "rejected")  # a fresh worker serves
+
+
+def test_anchor_keeps_the_refit_near_the_serving_head():
+    rt0 = _filled(_rt())
+    rt0.refit(time_budget_s=10)
+    served = rt0.head
+    moves = []
+    for mu in (0.0, 1.0, 100.0):
+        rt = _rt(served, config=RefitConfig(fista=FistaConfig(tol=1e-5), anchor=mu, min_improvement=0.0))
+        x, y = _stream(700, 9, shift=1.5)
+        rt.observe(x, y)
+        res = rt.refit(time_budget_s=30)
+        assert res.status in ("accepted", "rejected")
+        moves.append(float(np.linalg.norm(rt.head.V - served.V)) if res.status == "accepted" else 0.0)
+    assert moves[0] > moves[1] > moves[2]
+
+
+def test_executor_and_anchor_are_validated():
+    with pytest.raises(ValueError, match="executor must be"):
+        _rt(executor="gpu")
+    with pytest.raises(ValueError, match="anchor must be"):
+        RefitConfig(anchor=-1.0)

@@ -1,0 +1,219 @@
+"""The refit solve, run in the calling thread or in a separate worker process.
+
+:func:`solve` is the FISTA loop of a refit: warm start, one iteration at a time, a stop test
+(cancel) and a deadline between iterations, an optional per-iteration callback. The runtime calls it
+directly (``executor="thread"``) or through a :class:`RefitWorker` (``executor="process"``): a
+persistent child process started with the ``spawn`` method that receives the training data over a
+pipe, solves, and sends back the iterate. Predict then never competes with the solver for Python's
+GIL (a thread solver holds it between numpy calls, which shows up as predict latency spikes);
+validation and the atomic commit stay in the parent, so the semantics of a refit do not change.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from convexedge.device.fista import (
+    FistaConfig,
+    GramData,
+    RowData,
+    fista_init,
+    fista_step,
+    kkt_residual,
+    make_operator,
+)
+
+__all__ = ["RefitWorker", "SolveOutcome", "solve"]
+
+
+class SolveOutcome(NamedTuple):
+    """What a solve returns: the last iterate and how it stopped."""
+
+    x: np.ndarray
+    iterations: int
+    kkt: float
+    converged: bool
+    step: float
+    cancelled: bool
+    seconds: float
+
+
+def solve(
+    train: RowData | GramData,
+    V0: np.ndarray,
+    lam: float,
+    config: FistaConfig,
+    group: str,
+    *,
+    anchor_mu: float = 0.0,
+    should_stop: Callable[[], bool] = lambda: False,
+    deadline: float = float("inf"),
+    on_iter: Callable[[int, float, float], None] | None = None,
+) -> SolveOutcome:
+    """FISTA from ``V0`` until the KKT tolerance, ``max_iter``, ``should_stop()`` or ``deadline``.
+
+    ``anchor_mu > 0`` adds ``anchor_mu/2 ||V - V0||^2`` (a pull toward the warm start). ``deadline``
+    is a :func:`time.perf_counter` value; ``on_iter(iteration, objective, kkt)`` runs after every
+    iteration (an exception there ends the solve and propagates).
+    """
+    ts = time.perf_counter()
+    op = make_operator(train, config, anchor=V0, mu=anchor_mu)
+    state = fista_init(op, lam, config, V0, group)  # type: ignore[arg-type]
+    kkt = kkt_residual(op, state.x, lam, state.grad_x, group)  # type: ignore[arg-type]
+    converged = kkt <= config.tol
+    cancelled = False
+    while not converged and state.it < config.max_iter:
+        if should_stop():
+            cancelled = True
+            break
+        if time.perf_counter() >= deadline:
+            break
+        state = fista_step(op, lam, config, state, group)  # type: ignore[arg-type]
+        kkt = kkt_residual(op, state.x, lam, state.grad_x, group)  # type: ignore[arg-type]
+        converged = kkt <= config.tol
+        if on_iter is not None:
+            on_iter(state.it, state.fx, kkt)
+    return SolveOutcome(state.x, state.it, kkt, converged, state.step, cancelled, time.perf_counter() - ts)
+
+
+# ----------------------------------------------------------------------------- worker process
+def _serve(conn: Any, cancel: Any) -> None:  # pragma: no cover - runs in the child process
+    """Child loop: receive a request dict, solve, send ("done", outcome) or ("error", text)."""
+    while True:
+        try:
+            req = conn.recv()
+        except (EOFError, OSError):
+            return
+        if req is None:
+            return
+        try:
+            send_progress = req["progress"]
+
+            def on_iter(it: int, fx: float, kkt: float) -> None:
+                conn.send(("progress", it, fx, kkt))
+
+            out = solve(
+                req["train"], req["V0"], req["lam"], req["config"], req["group"],
+                anchor_mu=req["anchor_mu"], should_stop=cancel.is_set,
+                deadline=time.perf_counter() + req["budget_s"],
+                on_iter=on_iter if send_progress else None,
+            )  # fmt: skip
+            conn.send(("done", out))
+        except Exception as exc:
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+
+
+def _shutdown(conn: Any, proc: Any) -> None:
+    try:
+        conn.send(None)
+    except Exception:
+        pass
+    proc.join(timeout=2)
+    if proc.is_alive():
+        proc.terminate()
+        proc.join(timeout=2)
+    conn.close()
+
+
+class RefitWorker:
+    """A persistent solver process (``spawn`` start method; numpy only in the child).
+
+    The process starts at construction (its interpreter and numpy load in the background) and
+    serves one solve at a time; :meth:`close` (or garbage collection, or interpreter exit) stops it.
+    If it dies, the running solve raises and the next one starts a fresh process.
+    """
+
+    def __init__(self) -> None:
+        self._ctx = mp.get_context("spawn")
+        self._lock = threading.Lock()
+        self._start()
+
+    def _start(self) -> None:
+        self.cancel_event = self._ctx.Event()
+        parent, child = self._ctx.Pipe(duplex=True)
+        self._proc = self._ctx.Process(
+            target=_serve, args=(child, self.cancel_event), name="convexedge-refit-worker", daemon=True
+        )
+        self._proc.start()
+        child.close()
+        self._conn = parent
+        self._finalizer = weakref.finalize(self, _shutdown, parent, self._proc)
+
+    @property
+    def alive(self) -> bool:
+        return self._proc.is_alive()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid
+
+    def close(self) -> None:
+        """Stop the worker process (idempotent)."""
+        self._finalizer()
+
+    def cancel(self) -> None:
+        """Ask the running solve to stop after its current iteration."""
+        self.cancel_event.set()
+
+    def solve(
+        self,
+        train: RowData | GramData,
+        V0: np.ndarray,
+        lam: float,
+        config: FistaConfig,
+        group: str,
+        *,
+        anchor_mu: float = 0.0,
+        deadline: float = float("inf"),
+        on_iter: Callable[[int, float, float], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> SolveOutcome:
+        """Run :func:`solve` in the worker; blocks (without the GIL) until it answers.
+
+        ``cancel``: a flag set before this call (a cancel that came before the solve started).
+
+        Raises:
+            RuntimeError: the worker died or the solve raised there (the message says which).
+        """
+        with self._lock:
+            if not self._finalizer.alive or not self._proc.is_alive():
+                self._finalizer()
+                self._start()
+            self.cancel_event.clear()
+            if cancel is not None and cancel.is_set():
+                self.cancel_event.set()
+            budget = deadline - time.perf_counter()
+            req = {
+                "train": train, "V0": np.asarray(V0, np.float32), "lam": float(lam), "config": config,
+                "group": group, "anchor_mu": float(anchor_mu), "budget_s": max(budget, 0.0) if budget < 1e300
+                else 1e300, "progress": on_iter is not None,
+            }  # fmt: skip
+            failure: BaseException | None = None
+            try:
+                self._conn.send(req)
+                while True:
+                    msg = self._conn.recv()
+                    if msg[0] == "progress":
+                        if on_iter is not None and failure is None:
+                            try:
+                                on_iter(msg[1], msg[2], msg[3])
+                            except BaseException as exc:  # stop the solve, report after it answers
+                                failure = exc
+                                self.cancel_event.set()
+                        continue
+                    if msg[0] == "error":
+                        raise RuntimeError(f"refit worker: {msg[1]}")
+                    break
+            except (EOFError, OSError, BrokenPipeError) as exc:
+                self._finalizer()
+                raise RuntimeError(f"refit worker process died ({type(exc).__name__})") from exc
+            if failure is not None:
+                raise failure
+            return msg[1]
