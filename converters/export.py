@@ -1,77 +1,349 @@
-"""``convexedge export``: rebuild a model, export it, prove parity on real images, write parity.json."""
+"""``convexedge export``: rebuild a model, export it, prove parity on real images, write parity.json.
+
+Formats: ``onnx`` (fp32), ``tflite`` (fp32), ``tflite-int8`` (full integer; writes the fp32 file it is
+quantised from too), ``c`` (the device head as C, fp32 and int8 kernels), ``head`` (the device head
+artifact). Each row of the report compares the export with its reference on the test images:
+torch for the model formats, the numpy :class:`~convexedge.device.ConvexHead` for ``c`` and ``head``.
+"""
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-__all__ = ["ExportOptions", "run_export"]
+import numpy as np
+
+from convexedge.device.errors import ArtifactError
+
+__all__ = ["FORMATS", "ExportOptions", "gate_agreement", "run_export", "torch_gate_masks"]
+
+FORMATS = ("onnx", "tflite", "tflite-int8", "c", "head")
+Format = Literal["onnx", "tflite", "tflite-int8", "c", "head"]
 
 
 @dataclass(frozen=True, kw_only=True)
 class ExportOptions:
     """Settings of ``convexedge export``."""
 
-    model: str  # "teacher" (the bundled ResNet-20) or a folder written by `convexedge demo`
-    format: Literal["onnx", "tflite"] = "onnx"
+    model: str  # "teacher", a folder written by `convexedge demo`, or (c / head) a head store folder
+    format: Format = "onnx"
     out: str = "convexedge-export"
     data: str | None = None  # folder of test_*.npz shards for the parity check; None = bundled
     test_images: int | None = None  # None = all test images of the folder
+    calib: str | None = None  # folder of train_*.npz (calibration / head fit); None = bundled train slice
+    calib_images: int = 500  # calibration images (int8 ranges, C-head int8 scale, head fit)
 
     def __post_init__(self) -> None:
-        if self.format not in ("onnx", "tflite"):
-            raise ValueError(f"format must be 'onnx' or 'tflite', got {self.format!r}")
+        if self.format not in FORMATS:
+            raise ValueError(f"format must be one of {', '.join(FORMATS)}; got {self.format!r}")
+        if not isinstance(self.calib_images, int) or self.calib_images < 1:
+            raise ValueError(f"calib_images must be a positive int, got {self.calib_images!r}")
 
 
-def run_export(opt: ExportOptions) -> dict:
-    """Export ``opt.model``, compare it with torch on the test images, return and write the report."""
-    import numpy as np
+# ----------------------------------------------------------------------------- gates
+def torch_gate_masks(model, x: np.ndarray, batch_size: int = 500) -> list[np.ndarray]:
+    """Masks ``1[conv(z, g_i) >= 0]`` of every :class:`GatedConvStudent` in ``model`` on inputs ``x``.
+
+    Returns:
+        one (N, P, H, W) bool array per student, in module order.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from convexedge.host.students import GatedConvStudent
+
+    students = [m for m in model.modules() if isinstance(m, GatedConvStudent)]
+    if not students:
+        return []
+    grabbed: dict[int, list[np.ndarray]] = {k: [] for k in range(len(students))}
+
+    def hook(k):
+        def fn(mod, inputs, _out):
+            g = mod.geom
+            proj = F.conv2d(inputs[0], mod.gate_weight, mod.gate_bias, g.stride, g.padding)
+            grabbed[k].append((proj >= 0).cpu().numpy())
+
+        return fn
+
+    handles = [s.register_forward_hook(hook(k)) for k, s in enumerate(students)]
+    try:
+        with torch.no_grad():
+            for i in range(0, len(x), batch_size):
+                model(torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size])))
+    finally:
+        for h in handles:
+            h.remove()
+    return [np.concatenate(grabbed[k]) for k in range(len(students))]
+
+
+def gate_agreement(reference: list[np.ndarray], exported: list[np.ndarray]) -> float | None:
+    """Fraction of mask entries on which the export agrees with the reference (``None``: no gates).
+
+    The export may hold a mask in another layout (TFLite: NHWC); for each mask the axis order of the
+    reference (batch axis fixed) that agrees best is used, so a layout change is not a disagreement.
+
+    Raises:
+        ArtifactError: the export has a different number of mask ops, or a mask of another size.
+    """
+    if not reference:
+        return None
+    if len(reference) != len(exported):
+        raise ArtifactError(
+            f"the export has {len(exported)} mask ops, the model {len(reference)} gated layers"
+        )
+    agree = total = 0
+    for ref, exp in zip(reference, exported, strict=True):
+        best = -1
+        for perm in itertools.permutations(range(1, ref.ndim)):
+            cand = ref.transpose(0, *perm)
+            if cand.shape == exp.shape:
+                best = max(best, int((cand == exp).sum()))
+        if best < 0:
+            raise ArtifactError(f"mask shape {exp.shape} of the export matches no layout of {ref.shape}")
+        agree, total = agree + best, total + ref.size
+    return agree / total
+
+
+# ----------------------------------------------------------------------------- inputs
+def _load_model(spec: str):
+    from convexedge.host.distill import load_compressed_model
+    from convexedge.models import load_teacher
+
+    if spec == "teacher":
+        return load_teacher().eval()
+    path = Path(spec)
+    if not path.exists():
+        raise ArtifactError(
+            f"model {spec!r} not found; pass 'teacher' or a folder written by `convexedge demo`"
+        )
+    if not path.is_dir():
+        raise ArtifactError(
+            f"model {spec!r} is a file; pass 'teacher' or a folder written by `convexedge demo`"
+        )
+    try:
+        return load_compressed_model(str(path))
+    except ArtifactError:
+        raise
+    except (OSError, ValueError, KeyError, EOFError) as exc:  # e.g. a truncated npz or bad JSON
+        raise ArtifactError(f"{path}: cannot load the saved student ({type(exc).__name__}: {exc})") from None
+
+
+def _images(folder: str | None, split: str, limit: int | None):
+    from convexedge.host.data import load_images
+    from convexedge.models import BUNDLED_DATA_DIR
+
+    return load_images(Path(folder) if folder else BUNDLED_DATA_DIR, split, limit=limit)  # type: ignore[arg-type]
+
+
+def _find_head(spec: str):
+    """The head store at ``spec`` (or ``spec/heads``), or ``None``."""
+    from convexedge.device import HeadStore
+
+    if spec == "teacher":
+        return None
+    path = Path(spec)
+    if not path.is_dir():
+        raise ArtifactError(f"model {spec!r} is not 'teacher' or a folder")
+    for cand in (path, path / "heads"):
+        if (cand / "STATE.json").is_file():
+            return HeadStore.open(cand).head
+    return None
+
+
+def _row(fmt: str, path: Path | None, parity, *, gates=None, ops=None, seconds=None) -> dict[str, Any]:
+    from convexedge.converters.tflite import ops_outside_tflm
+
+    tflm = fmt.startswith("tflite") and ops is not None
+    return {
+        "format": fmt,
+        "file": None if path is None else str(path),
+        "bytes": None if path is None else _size(path),
+        "ops": ops,
+        "all_ops_in_tflm": (not ops_outside_tflm(ops)) if tflm else None,
+        "ops_outside_tflm": ops_outside_tflm(ops) if tflm else None,
+        "max_abs_diff": parity.max_abs_diff,
+        "top1_agreement": parity.top1_agreement,
+        "top1_reference": parity.top1_reference,
+        "top1": parity.top1_export,
+        "gate_agreement": gates,
+        "samples": parity.samples,
+        "export_seconds": seconds,
+    }
+
+
+def _size(path: Path) -> int:
+    return (
+        sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        if path.is_dir()
+        else path.stat().st_size
+    )
+
+
+# ----------------------------------------------------------------------------- formats
+def _model_rows(opt: ExportOptions, out: Path) -> list[dict[str, Any]]:
     import torch
 
-    from convexedge.converters.onnx import export_onnx, onnx_ops, run_onnx
     from convexedge.converters.parity import compare_outputs
-    from convexedge.converters.tflite import export_tflite, run_tflite, tflite_ops
-    from convexedge.host.data import load_images, normalize_images
-    from convexedge.host.distill import load_compressed_model
-    from convexedge.models import BUNDLED_DATA_DIR, load_teacher, teacher_normalization
+    from convexedge.host.data import normalize_images
+    from convexedge.models import teacher_normalization
 
-    model = load_teacher() if opt.model == "teacher" else load_compressed_model(opt.model)
-    out = Path(opt.out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    if opt.format == "onnx":
-        path, run, ops = export_onnx(model, out / "model.onnx"), run_onnx, onnx_ops
-    else:
-        path, run, ops = export_tflite(model, out / "model.tflite"), run_tflite, tflite_ops
-    export_seconds = time.perf_counter() - t0
+    model = _load_model(opt.model)
     mean, std = teacher_normalization()
-    test = load_images(Path(opt.data) if opt.data else BUNDLED_DATA_DIR, "test", limit=opt.test_images)
+    test = _images(opt.data, "test", opt.test_images)
     x = normalize_images(test.x, mean, std)
     with torch.no_grad():
         ref = np.concatenate([model(torch.from_numpy(x[i : i + 500])).numpy() for i in range(0, len(x), 500)])
-    parity = compare_outputs(ref, run(path, x), test.y)
-    report = {
-        "model": opt.model,
-        "format": opt.format,
-        "file": str(path),
-        "bytes": path.stat().st_size,
-        "ops": ops(path),
-        "export_seconds": export_seconds,
-        "parity": parity.to_dict(),
-        "options": asdict(opt),
-    }
+    ref_masks = torch_gate_masks(model, x)
+    rows = []
+    if opt.format == "onnx":
+        from convexedge.converters.onnx import export_onnx, onnx_gate_masks, onnx_ops, run_onnx
+
+        t0 = time.perf_counter()
+        path = export_onnx(model, out / "model.onnx")
+        sec = time.perf_counter() - t0
+        gates = gate_agreement(ref_masks, onnx_gate_masks(path, x)) if ref_masks else None
+        rows.append(_row("onnx", path, compare_outputs(ref, run_onnx(path, x), test.y), gates=gates,
+                         ops=onnx_ops(path), seconds=sec))  # fmt: skip
+        return rows
+    from convexedge.converters.tflite import (
+        export_tflite,
+        quantize_tflite_int8,
+        run_tflite,
+        tflite_float_ops,
+        tflite_gate_masks,
+        tflite_ops,
+    )
+
+    t0 = time.perf_counter()
+    fp32 = export_tflite(model, out / ("model.tflite" if opt.format == "tflite" else "model_fp32.tflite"))
+    sec = time.perf_counter() - t0
+    gates = gate_agreement(ref_masks, tflite_gate_masks(fp32, x)) if ref_masks else None
+    rows.append(_row("tflite", fp32, compare_outputs(ref, run_tflite(fp32, x), test.y), gates=gates,
+                     ops=tflite_ops(fp32), seconds=sec))  # fmt: skip
+    if opt.format == "tflite-int8":
+        calib = normalize_images(_images(opt.calib, "train", opt.calib_images).x, mean, std)
+        t0 = time.perf_counter()
+        path = quantize_tflite_int8(fp32, out / "model_int8.tflite", calib)
+        sec = time.perf_counter() - t0
+        gates = gate_agreement(ref_masks, tflite_gate_masks(path, x)) if ref_masks else None
+        rows.append(_row("tflite-int8", path, compare_outputs(ref, run_tflite(path, x), test.y), gates=gates,
+                         ops=tflite_ops(path), seconds=sec))  # fmt: skip
+        rows[-1]["float_ops"] = tflite_float_ops(path)  # what is not integer in the "int8" file
+    return rows
+
+
+def _head_rows(opt: ExportOptions, out: Path) -> list[dict[str, Any]]:
+    from convexedge.converters.parity import compare_outputs
+    from convexedge.device import HeadStore
+    from convexedge.host.data import normalize_images
+    from convexedge.host.head_export import HEAD_PRESETS, export_head, pooled_features
+    from convexedge.models import load_teacher, teacher_normalization
+
+    teacher = load_teacher().eval()
+    mean, std = teacher_normalization()
+
+    def transform(b: np.ndarray) -> np.ndarray:
+        return normalize_images(b, mean, std)
+
+    calib = _images(opt.calib, "train", opt.calib_images)
+    head = _find_head(opt.model)
+    t0 = time.perf_counter()
+    if head is None:  # no head yet: fit one (label-free, teacher logits) on the calibration images
+        if opt.model != "teacher":
+            _load_model(opt.model)  # a demo folder without heads/: check it is one, then fit from the teacher
+        store, _ = export_head(teacher, calib.x, transform, out / "heads", HEAD_PRESETS["mcu"])
+        head = store.head
+    elif opt.format == "head":
+        HeadStore.create(out / "heads", head)
+    fit_seconds = time.perf_counter() - t0
+    span = head.info.get("input", {}).get("span", "layer2")
+    grid = int(head.info.get("input", {}).get("pool", [2])[0])
+    test = _images(opt.data, "test", opt.test_images)
+    feats, _ = pooled_features(teacher, test.x, transform, span=span, grids=(grid,))
+    ftest = feats[grid]
+    if ftest.shape[1] != head.d_in:
+        raise ArtifactError(f"the head reads {head.d_in} features, {span} pooled to {grid}x{grid} gives "
+                            f"{ftest.shape[1]}")  # fmt: skip
+    ref = head.predict(ftest)
+    ref_masks = [head.masks(head.normalize(ftest))[:, head._active]]  # type: ignore[attr-defined]
+    if opt.format == "head":
+        loaded = HeadStore.open(out / "heads").head  # through the device loader: checksums verified
+        exp_masks = [loaded.masks(loaded.normalize(ftest))[:, loaded._active]]  # type: ignore[attr-defined]
+        return [_row("head", out / "heads", compare_outputs(ref, loaded.predict(ftest), test.y),
+                     gates=gate_agreement(ref_masks, exp_masks), seconds=fit_seconds)]  # fmt: skip
+    from convexedge.converters.c_head import compile_c_head, export_c_head, run_c_head
+
+    cfeats, _ = pooled_features(teacher, calib.x, transform, span=span, grids=(grid,))
+    t0 = time.perf_counter()
+    files = export_c_head(head, out / "c", calib_features=cfeats[grid])
+    lib = compile_c_head(files)
+    sec = time.perf_counter() - t0
+    rows = []
+    for variant, fmt in (("f32", "c"), ("i8", "c-int8")):
+        got, masks = run_c_head(lib, files.name, ftest, head.c, len(head._active), variant)  # type: ignore[attr-defined]
+        parity = compare_outputs(ref, got, test.y)
+        row = _row(fmt, files.header, parity, gates=gate_agreement(ref_masks, [masks]), seconds=sec)
+        row["bytes"] = files.header.stat().st_size + files.source.stat().st_size
+        rows.append(row)
+    return rows
+
+
+def run_export(opt: ExportOptions) -> dict:
+    """Export ``opt.model`` in ``opt.format``, compare with its reference, print a table, write parity.json.
+
+    Returns:
+        The report: ``rows`` (one per file written; ``tflite-int8`` also reports the fp32 file it
+        was quantised from, ``c`` its fp32 and int8 kernels) and ``options``.
+
+    Raises:
+        ArtifactError: the model, its student or its head is missing, truncated or inconsistent.
+    """
+    out = Path(opt.out)
+    if opt.format in ("c", "head"):
+        if opt.model != "teacher" and not Path(opt.model).exists():
+            raise ArtifactError(
+                f"model {opt.model!r} not found; pass 'teacher' or a `convexedge demo` folder"
+            )
+        out.mkdir(parents=True, exist_ok=True)
+        rows = _head_rows(opt, out)
+    else:
+        model_check = _load_model(opt.model)  # fail fast, before any folder is made
+        del model_check
+        out.mkdir(parents=True, exist_ok=True)
+        rows = _model_rows(opt, out)
+    report = {"model": opt.model, "format": opt.format, "rows": rows, "options": asdict(opt)}
     (out / "parity.json").write_text(json.dumps(report, indent=1))
-    print(
-        f"{'format':<8} {'max |diff|':>11} {'top-1 agree':>12} {'top-1 torch':>12} {'top-1 export':>13} "
-        f"{'bytes':>10}"
-    )
-    print(
-        f"{opt.format:<8} {parity.max_abs_diff:>11.2e} {100 * parity.top1_agreement:>11.2f}% "
-        f"{100 * parity.top1_reference:>11.2f}% {100 * parity.top1_export:>12.2f}% {report['bytes']:>10,}"
-    )
-    print(f"ops: {', '.join(report['ops'])}")
-    print(f"wrote {path} and {out / 'parity.json'} ({parity.samples} test images)")
+    print(format_table(rows))
+    for r in rows:
+        if r["ops"]:
+            tflm = "" if r["all_ops_in_tflm"] is None else f" (all in TFLM: {r['all_ops_in_tflm']})"
+            print(f"{r['format']} ops: {', '.join(r['ops'])}{tflm}")
+        if r.get("float_ops"):
+            print(f"{r['format']} float ops (not integer): {', '.join(r['float_ops'])}")
+    files = ", ".join(dict.fromkeys(r["file"] for r in rows))
+    print(f"wrote {files} and {out / 'parity.json'} ({rows[0]['samples']} test images)")
     return report
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """The parity table printed by ``convexedge export``."""
+
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.2f}%"
+
+    head = (
+        f"{'format':<12} {'max |diff|':>10} {'top-1 agree':>11} {'top-1 ref':>9} {'top-1':>7} {'gates':>8} "
+        f"{'bytes':>11}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['format']:<12} {r['max_abs_diff']:>10.2e} {pct(r['top1_agreement']):>11} "
+            f"{pct(r['top1_reference']):>9} {pct(r['top1']):>7} {pct(r['gate_agreement']):>8} "
+            f"{r['bytes']:>11,}"
+        )
+    return "\n".join(lines)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from convexedge.device.errors import ArtifactError
 
-__all__ = ["export_onnx", "onnx_ops", "run_onnx"]
+__all__ = ["export_onnx", "onnx_gate_masks", "onnx_ops", "run_onnx"]
 
 log = logging.getLogger(__name__)
 
@@ -87,3 +87,32 @@ def run_onnx(path: str | Path, x, batch_size: int = 500):
         for i in range(0, len(x), batch_size)
     ]
     return np.concatenate(outs)
+
+
+def onnx_gate_masks(path: str | Path, x, batch_size: int = 500) -> list:
+    """The boolean output of every ``GreaterOrEqual`` node (the fixed gate masks) on ``x``, in graph order.
+
+    The mask tensors are added as graph outputs of an in-memory copy; the file is not changed.
+
+    Returns:
+        one (N, P, H, W) bool array per mask node.
+    """
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    model = _load(path)
+    names = [n.output[0] for n in model.graph.node if n.op_type == "GreaterOrEqual"]
+    if not names:
+        return []
+    known = {o.name for o in model.graph.output}
+    for name in names:
+        if name not in known:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.BOOL, None))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    inp = session.get_inputs()[0].name
+    parts = [
+        session.run(names, {inp: np.ascontiguousarray(x[i : i + batch_size], np.float32)})
+        for i in range(0, len(x), batch_size)
+    ]
+    return [np.concatenate([p[k] for p in parts]) for k in range(len(names))]

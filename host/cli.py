@@ -1,4 +1,4 @@
-"""The ``convexedge`` command line: ``demo``, ``export`` and ``refit``; others arrive with their issues.
+"""The ``convexedge`` command line: ``demo``, ``export``, ``refit``, ``distill`` and ``linearize``.
 
 Bad arguments, a bad file or bad data print one line on stderr and exit with status 2 (no
 traceback); an interrupt (Ctrl-C) exits 130.
@@ -76,20 +76,33 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     exp = sub.add_parser(
         "export",
-        help="export the teacher or a demo's compressed model (ONNX, TFLite) and check parity",
-        description="Rebuild MODEL ('teacher' or a folder written by `convexedge demo`), export it, "
-        "and compare the export with torch on the test images (parity.json).",
+        help="export the teacher, a demo's compressed model or its device head, and check parity",
+        description="Rebuild MODEL ('teacher' or a folder written by `convexedge demo`), export it "
+        "(onnx, tflite, tflite-int8: the model; c, head: its device head), compare the export with its "
+        "reference (torch / the numpy head) on the test images, print a table and write parity.json.",
     )
-    exp.add_argument("model", help="'teacher' or a `convexedge demo` output folder")
+    exp.add_argument(
+        "model", help="'teacher' or a `convexedge demo` output folder (or a head store for c/head)"
+    )
     exp.add_argument(
         "--format",
-        choices=["onnx", "tflite"],
+        choices=["onnx", "tflite", "tflite-int8", "c", "head"],
         default="onnx",
-        help="onnx (fp32, opset 18) or tflite (fp32; needs the [tflite] extra)",
+        help="onnx (fp32, opset 18), tflite (fp32), tflite-int8 (full integer; both need the [tflite] "
+        "extra), c (the device head as C99 + int8 variant), head (the device head artifact)",
     )
     exp.add_argument("--out", type=Path, default=Path("convexedge-export"), help="output folder")
     exp.add_argument("--data", type=Path, default=None, help="folder of test_*.npz shards (default: bundled)")
     exp.add_argument("--test-images", type=_positive_int, default=None, help="test images for parity")
+    exp.add_argument(
+        "--calib",
+        type=Path,
+        default=None,
+        help="folder of train_*.npz shards for int8 calibration / head fit (default: bundled train slice)",
+    )
+    exp.add_argument(
+        "--calib-images", type=_positive_int, default=500, help="calibration images (default 500)"
+    )
     ref = sub.add_parser(
         "refit",
         help="simulate a device: refit a head store on a folder of activations",
@@ -103,6 +116,52 @@ def _build_parser() -> argparse.ArgumentParser:
     ref.add_argument("--mode", choices=["reservoir", "window", "gram"], default="reservoir")
     ref.add_argument("--chunk", type=_positive_int, default=64, help="samples per observe() call")
     ref.add_argument("--confirm", action="store_true", help="confirm an accepted head")
+    dis = sub.add_parser(
+        "distill",
+        help="capture a span of the teacher and solve its convex student, data parallel",
+        description="Capture the teacher's span on unlabeled images (each rank its block) and solve the "
+        "convex student's lam path with data-parallel FISTA. --nproc N spawns N local gloo ranks; under "
+        "torchrun the ranks come from its environment.",
+    )
+    dis.add_argument("--out", type=Path, default=Path("convexedge-distill"), help="output folder")
+    dis.add_argument("--data", type=Path, default=None, help="train_*.npz shards (default: bundled)")
+    dis.add_argument("--span", default="layer3", help="teacher module replaced by the student")
+    dis.add_argument("--images", type=_positive_int, default=2000, help="unlabeled images (fit + held out)")
+    dis.add_argument("--gates", type=_positive_int, default=8, help="gates P (gate 0 is the linear path)")
+    dis.add_argument("--lam-ratios", default="0.1,0.03,0.01", help="decreasing lam/lam_max, comma-separated")
+    dis.add_argument("--tol", type=float, default=1e-4, help="relative KKT residual to stop at")
+    dis.add_argument("--max-iter", type=_positive_int, default=500, help="iterations per path point")
+    dis.add_argument("--seed", type=int, default=0, help="seed of the gates and of the image sample")
+    dis.add_argument("--float64", action="store_true", help="solve in float64 (default float32)")
+    dis.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="torch device")
+    dis.add_argument("--nproc", type=_positive_int, default=1, help="local gloo ranks to spawn")
+    dis.add_argument("--checkpoint-every", type=_positive_int, default=50, help="iterations per checkpoint")
+    dis.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
+    dis.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    lin = sub.add_parser(
+        "linearize",
+        help="cut the model's ReLUs to a budget for private inference (SNL, or BCD from SNL)",
+        description="Replace ReLUs by masked ReLUs, search the mask (SNL L1 path; BCD warm-started from it), "
+        "fine-tune, export ONNX with masks as constants and check the graph's ReLU count equals --budget. "
+        "Rerun the same command to resume a BCD search from OUT/checkpoint.",
+    )
+    lin.add_argument("--budget", type=_positive_int, required=True, help="ReLUs to keep (per sample)")
+    lin.add_argument("--method", choices=["bcd", "snl"], default="bcd")
+    lin.add_argument("--dataset", choices=["cifar10", "mnist1d"], default="cifar10", help="model and data")
+    lin.add_argument("--out", type=Path, default=Path("convexedge-linearize"), help="output folder")
+    lin.add_argument("--data", type=Path, default=None, help="CIFAR-10 train_*/test_*.npz (default: bundled)")
+    lin.add_argument("--train-images", type=_positive_int, default=None, help="CIFAR-10 training images")
+    lin.add_argument("--val-images", type=_positive_int, default=500, help="validation images for BCD")
+    lin.add_argument("--granularity", choices=["pixel", "channel"], default="pixel")
+    lin.add_argument("--seed", type=int, default=0)
+    lin.add_argument("--snl-epochs", type=_positive_int, default=150, help="SNL max epochs")
+    lin.add_argument("--snl-alpha-lr", type=float, default=None, help="SNL score lr (default: 1e-3)")
+    lin.add_argument("--finetune-epochs", type=float, default=5.0, help="final fine-tune epochs")
+    lin.add_argument("--warm-factor", type=float, default=2.0, help="BCD starts from SNL at this x budget")
+    lin.add_argument("--drc", type=_positive_int, default=16, help="BCD: ReLUs per block")
+    lin.add_argument("--rt", type=_positive_int, default=8, help="BCD: blocks tried per step")
+    lin.add_argument("--adt", type=float, default=0.01, help="BCD: largest accepted accuracy drop")
+    lin.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
 
 
@@ -142,6 +201,52 @@ def main(argv: list[str] | None = None) -> int:
                     confirm=args.confirm,
                 )
             )
+        elif args.command == "distill":
+            from convexedge.host.distill_cli import DistillOptions, run_distill
+
+            run_distill(
+                DistillOptions(
+                    out=str(args.out),
+                    data=None if args.data is None else str(args.data),
+                    span=args.span,
+                    images=args.images,
+                    gates=args.gates,
+                    lam_ratios=tuple(float(r) for r in args.lam_ratios.split(",")),
+                    tol=args.tol,
+                    max_iter=args.max_iter,
+                    seed=args.seed,
+                    dtype="float64" if args.float64 else "float32",
+                    device=args.device,
+                    nproc=args.nproc,
+                    checkpoint_every=args.checkpoint_every,
+                    resume=args.resume,
+                    progress=not args.no_progress,
+                )
+            )
+        elif args.command == "linearize":
+            from convexedge.host.linearize.cli import LinearizeOptions, run_linearize
+
+            run_linearize(
+                LinearizeOptions(
+                    budget=args.budget,
+                    method=args.method,
+                    dataset=args.dataset,
+                    out=str(args.out),
+                    data=None if args.data is None else str(args.data),
+                    train_images=args.train_images,
+                    val_images=args.val_images,
+                    granularity=args.granularity,
+                    seed=args.seed,
+                    snl_epochs=args.snl_epochs,
+                    snl_alpha_lr=args.snl_alpha_lr,
+                    finetune_epochs=args.finetune_epochs,
+                    warm_factor=args.warm_factor,
+                    drc=args.drc,
+                    rt=args.rt,
+                    adt=args.adt,
+                    progress=not args.no_progress,
+                )
+            )
         elif args.command == "export":
             from convexedge.converters.export import ExportOptions, run_export
 
@@ -152,12 +257,15 @@ def main(argv: list[str] | None = None) -> int:
                     out=str(args.out),
                     data=None if args.data is None else str(args.data),
                     test_images=args.test_images,
+                    calib=None if args.calib is None else str(args.calib),
+                    calib_images=args.calib_images,
                 )
             )
         return 0
     except ImportError as exc:
         print(
-            f"convexedge: error: {exc.name or exc} is not installed; pip install 'convexedge[export]'",
+            f"convexedge: error: {exc.name or exc} is not installed; "
+            "pip install 'convexedge[export]' (TFLite: 'convexedge[tflite]')",
             file=sys.stderr,
         )
         return 2

@@ -11,7 +11,7 @@ pytest.importorskip("onnxruntime", reason="the [export] extra is not installed")
 import torch  # noqa: E402
 
 from convexedge.converters import compare_outputs, export_onnx, onnx_ops, run_onnx  # noqa: E402
-from convexedge.converters.export import ExportOptions, run_export  # noqa: E402
+from convexedge.converters.export import ExportOptions, gate_agreement, run_export  # noqa: E402
 from convexedge.device.errors import ArtifactError  # noqa: E402
 from convexedge.host.distill import make_gates, save_student  # noqa: E402
 from convexedge.host.students import ConvGeometry, GatedConvStudent  # noqa: E402
@@ -52,10 +52,12 @@ def exported(student_folder, tmp_path_factory):
 
 def test_export_matches_torch_on_real_images(exported):
     out, report = exported
-    assert report["parity"]["max_abs_diff"] <= 1e-4
-    assert report["parity"]["top1_agreement"] >= 0.999
-    assert report["parity"]["samples"] == 200
-    assert json.loads((out / "parity.json").read_text())["parity"] == report["parity"]
+    (row,) = report["rows"]
+    assert row["format"] == "onnx" and row["max_abs_diff"] <= 1e-4
+    assert row["top1_agreement"] >= 0.999
+    assert row["gate_agreement"] == 1.0  # the GreaterOrEqual masks equal torch's, entry for entry
+    assert row["samples"] == 200 and row["bytes"] == (out / "model.onnx").stat().st_size
+    assert json.loads((out / "parity.json").read_text())["rows"] == report["rows"]
 
 
 def test_mask_is_a_compare_and_no_transposes(exported):
@@ -109,6 +111,43 @@ def test_compare_outputs_shape_mismatch():
 def test_export_options_reject_unknown_format():
     with pytest.raises(ValueError, match="format must be"):
         ExportOptions(model="teacher", format="coreml")
+    with pytest.raises(ValueError, match="calib_images must be"):
+        ExportOptions(model="teacher", calib_images=0)
+
+
+def test_gate_agreement_layouts_and_errors():
+    rng = np.random.default_rng(0)
+    ref = rng.random((4, 3, 5, 6)) > 0.5
+    nhwc = ref.transpose(0, 2, 3, 1).copy()
+    assert gate_agreement([ref], [nhwc]) == 1.0
+    nhwc[0, 0, 0, 0] ^= True
+    assert gate_agreement([ref], [nhwc]) == 1 - 1 / ref.size
+    assert gate_agreement([], []) is None
+    with pytest.raises(ArtifactError, match="mask ops"):
+        gate_agreement([ref], [])
+    with pytest.raises(ArtifactError, match="matches no layout"):
+        gate_agreement([ref], [ref[:, :2]])
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing", "file", "not_a_folder_model"])
+def test_cli_bad_model_is_one_line_error(student_folder, tmp_path, capsys, damage):
+    import shutil
+
+    from convexedge.host.cli import main
+
+    bad = tmp_path / "bad"
+    if damage == "truncated":
+        shutil.copytree(student_folder, bad)
+        data = (bad / "student.npz").read_bytes()
+        (bad / "student.npz").write_bytes(data[: len(data) // 2])
+    elif damage == "file":
+        bad.write_bytes(b"\x00" * 64)
+    elif damage == "not_a_folder_model":
+        bad.mkdir()
+    rc = main(["export", str(bad), "--format", "onnx", "--out", str(tmp_path / "out"), "--test-images", "5"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("convexedge: error:") and err.count("\n") == 1, err
+    assert "Traceback" not in err and not (tmp_path / "out" / "parity.json").exists()
 
 
 def test_swapped_reference_is_the_saved_student(student_folder):

@@ -1,0 +1,257 @@
+"""Linearization for private inference: SNL vs BCD at ReLU budgets (BENCHMARKS.md section 3).
+
+* ``mnist1d``: the fast protocol. MNIST-1D from the ``mnist1d`` generator (default arguments), a
+  width-8 1D ResNet (2,560 ReLUs) trained here per seed, budgets 600/300/150/75, 3 seeds.
+* ``cifar10``: the bundled ResNet-20 (188,416 per-pixel ReLUs), budgets 30k/15k/6k/3k/1k; train
+  on the exact CIFAR-10 train images of ``--data`` (4,000; the bundled 2,000 without it), the last
+  ``--val`` of them validate BCD, test on the exact test images 0..999. The full protocol is hours
+  on CPU: ``--budgets`` splits it, and ``--reduced`` (fewer SNL epochs, faster score learning
+  rate, fewer training images) is labelled as such in every row.
+
+Each row: ``dataset, method, budget, relus_in_onnx, top1, seconds, seed`` plus the compute spent
+(sample passes; forward 1, train step 3) which is matched between the two methods per budget.
+
+Run: ``python -m benchmarks.linearize [--dataset mnist1d|cifar10|both] [--seeds 0 1 2] [--budgets ..]``;
+writes ``benchmarks/results/linearize.json`` (rows of earlier runs of other datasets/budgets are
+kept, so split runs accumulate) and ``benchmarks/results/linearize.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks._common import RESULTS, environment, table, write_json
+from convexedge.host.linearize import (
+    BcdConfig,
+    CompareConfig,
+    FinetuneConfig,
+    SnlConfig,
+    Split,
+    compare_methods,
+    plot_histories,
+)
+
+MNIST1D_BUDGETS = (600, 300, 150, 75)
+CIFAR_BUDGETS = (30000, 15000, 6000, 3000, 1000)
+
+
+def _mnist1d(seed: int, quick: bool):
+    from convexedge.host.linearize.mnist1d import ResNet1d, load_mnist1d, train_classifier
+    from convexedge.host.linearize.train import accuracy
+
+    train, val, test = load_mnist1d()
+    torch.manual_seed(seed)
+    teacher = train_classifier(ResNet1d(), train, epochs=8 if quick else 20, seed=seed)
+    return teacher, train, val, test, accuracy(teacher, test)
+
+
+def _cifar(data: Path | None, train_images: int, val_images: int):
+    from convexedge.host.data import load_images, normalize_images
+    from convexedge.host.linearize.train import accuracy
+    from convexedge.models.bundled import BUNDLED_DATA_DIR, load_teacher, teacher_normalization
+
+    mean, std = teacher_normalization()
+    folder = data or BUNDLED_DATA_DIR
+    tr = load_images(folder, "train", limit=train_images + val_images)
+    te = load_images(folder, "test", limit=1000)
+
+    def split(x, y):
+        return Split(torch.from_numpy(normalize_images(x, mean, std)), torch.from_numpy(y))
+
+    n = len(tr) - val_images
+    train, val = split(tr.x[:n], tr.y[:n]), split(tr.x[n:], tr.y[n:])
+    test = split(te.x, te.y)
+    teacher = load_teacher()
+    return teacher, train, val, test, accuracy(teacher, test), tr.files
+
+
+def _summary(rows: list[dict]) -> dict:
+    def mean_top1(ds, method, b):
+        vals = [r["top1"] for r in rows if r["dataset"] == ds and r["method"] == method and r["budget"] == b]
+        return statistics.mean(vals) if vals else None
+
+    out: dict = {}
+    diffs = []
+    for b in sorted({r["budget"] for r in rows if r["dataset"] == "cifar10" and r["budget"] <= 6000}):
+        s, c = mean_top1("cifar10", "snl", b), mean_top1("cifar10", "bcd", b)
+        if s is not None and c is not None:
+            diffs.append((b, c - s))
+    out["bcd_minus_snl_cifar10_by_budget"] = {str(b): d for b, d in diffs}
+    out["bcd_minus_snl_min_at_or_below_6k"] = min(d for _, d in diffs) if diffs else None
+    s, c = mean_top1("mnist1d", "snl", 75), mean_top1("mnist1d", "bcd", 75)
+    out["bcd_minus_snl_mnist1d_75"] = None if s is None or c is None else c - s
+    out["bcd_minus_snl_mnist1d_by_budget"] = {
+        str(b): mean_top1("mnist1d", "bcd", b) - mean_top1("mnist1d", "snl", b)
+        for b in sorted({r["budget"] for r in rows if r["dataset"] == "mnist1d"})
+        if mean_top1("mnist1d", "snl", b) is not None and mean_top1("mnist1d", "bcd", b) is not None
+    }
+    out["onnx_relus_equal_budget"] = all(r["relus_in_onnx"] == r["budget"] for r in rows)
+    for ds in ("mnist1d", "cifar10"):
+        out[f"{ds}_seeds"] = sorted({r["seed"] for r in rows if r["dataset"] == ds})
+        out[f"{ds}_budgets"] = sorted({r["budget"] for r in rows if r["dataset"] == ds}, reverse=True)
+        out[f"{ds}_protocols"] = sorted({r.get("protocol", "") for r in rows if r["dataset"] == ds})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", choices=["mnist1d", "cifar10", "both"], default="mnist1d")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--budgets", type=int, nargs="+", default=None, help="subset of the protocol's budgets")
+    p.add_argument("--quick", action="store_true", help="one seed, two budgets, short training (smoke run)")
+    p.add_argument("--reduced", action="store_true", help="CIFAR-10: reduced compute (labelled in the JSON)")
+    p.add_argument("--data", type=Path, default=None, help="CIFAR-10 folder (default: the bundled slice)")
+    p.add_argument("--train-images", type=int, default=3500)
+    p.add_argument("--val", type=int, default=500)
+    p.add_argument("--snl-epochs", type=int, default=None, help="SNL max epochs (default 150)")
+    p.add_argument("--final-epochs", type=float, default=None, help="final fine-tune epochs")
+    p.add_argument("--rt", type=int, default=8, help="BCD blocks tried per step")
+    p.add_argument("--bcd-steps", type=int, default=None, help="BCD steps per budget (sets the block size)")
+    p.add_argument("--snl-alpha-lr", type=float, default=None, help="SNL score lr (reduced CIFAR runs)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--fresh", action="store_true", help="drop rows of earlier runs from the JSON")
+    p.add_argument("--progress", action="store_true")
+    p.add_argument(
+        "--json", default="linearize", help="results name (parallel runs: one name each, then --merge)"
+    )
+    p.add_argument(
+        "--merge", type=Path, nargs="+", default=None, help="only merge these result JSONs into --json"
+    )
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    datasets = ["mnist1d", "cifar10"] if args.dataset == "both" else [args.dataset]
+    previous = RESULTS / f"{args.json}.json"
+    old_rows, old_hist, old_meta = [], {}, {}
+    sources = ([] if args.fresh or not previous.exists() else [previous]) + list(args.merge or [])
+    for src in sources:
+        prev = json.loads(Path(src).read_text())
+        keys = {(r["dataset"], r["method"], r["budget"], r["seed"]) for r in prev.get("rows", [])}
+        old_rows = [r for r in old_rows if (r["dataset"], r["method"], r["budget"], r["seed"]) not in keys]
+        old_rows += prev.get("rows", [])
+        old_hist.update(prev.get("histories", {}))
+        old_meta.update(prev.get("runs", {}))
+    rows, histories, runs = [], {}, {}
+    for ds in [] if args.merge else datasets:
+        seeds = args.seeds[:1] if args.quick else args.seeds
+        if ds == "mnist1d":
+            budgets = tuple(args.budgets or ((300, 75) if args.quick else MNIST1D_BUDGETS))
+            cfg = CompareConfig(
+                budgets=budgets,
+                snl=SnlConfig(
+                    max_epochs=args.snl_epochs or (40 if args.quick else 150),
+                    alpha_lr=1e-2 if args.quick else None,
+                ),
+                bcd=BcdConfig(budget=0, drc=8, rt=args.rt, adt=0.01, finetune_drop=0.03),
+                warm_factor=1.5,
+                bcd_steps=16,
+                final_finetune=FinetuneConfig(epochs=args.final_epochs or (2.0 if args.quick else 5.0)),
+            )
+            label = "full protocol" if not args.quick else "quick (short training, SNL score lr 1e-2, 1 seed)"
+        else:
+            budgets = tuple(args.budgets or CIFAR_BUDGETS)
+            if args.reduced or args.quick:
+                cfg = CompareConfig(
+                    budgets=budgets,
+                    snl=SnlConfig(
+                        max_epochs=args.snl_epochs or 40,
+                        alpha_lr=args.snl_alpha_lr or 2e-2,
+                        epoch_fraction=0.5,
+                        batch_size=64,
+                    ),
+                    bcd=BcdConfig(
+                        budget=0,
+                        drc=max(16, min(budgets) // 8),
+                        rt=args.rt,
+                        finetune=FinetuneConfig(epochs=0.25, batch_size=64),
+                        eval_batch=2048,
+                    ),
+                    final_finetune=FinetuneConfig(epochs=args.final_epochs or 1.0, batch_size=64),
+                    warm_factor=1.5,
+                    bcd_steps=args.bcd_steps or 6,
+                )
+                label = (
+                    f"REDUCED compute (SNL score lr {cfg.snl.alpha_lr}, half-epoch SNL epochs, "
+                    f"{cfg.bcd_steps} BCD steps of rt={cfg.bcd.rt}, 0.25-epoch BCD fine-tunes, "
+                    f"{cfg.final_finetune.epochs}-epoch final fine-tune, small train/val split)"
+                )
+            else:
+                cfg = CompareConfig(
+                    budgets=budgets,
+                    snl=SnlConfig(max_epochs=args.snl_epochs or 150),
+                    bcd=BcdConfig(budget=0, drc=max(16, min(budgets) // 20), rt=args.rt),
+                    final_finetune=FinetuneConfig(epochs=args.final_epochs or 5.0),
+                )
+                label = "full protocol settings (on the data given)"
+        for seed in seeds:
+            t0 = time.perf_counter()
+            if ds == "mnist1d":
+                teacher, train, val, test, t_top1 = _mnist1d(seed, args.quick)
+                files = ["mnist1d generator, default args"]
+            else:
+                n_train = 900 if args.quick else args.train_images
+                teacher, train, val, test, t_top1, files = _cifar(args.data, n_train, args.val)
+            r, h = compare_methods(
+                teacher, train, val, test, cfg, seed=seed, dataset=ds, progress=args.progress
+            )
+            for row in r:
+                row["protocol"] = label
+                row["teacher_top1"] = t_top1
+            rows += r
+            for b, hist in h.items():
+                histories[f"{ds}/bcd/{b}/seed{seed}"] = hist
+            runs[f"{ds}/seed{seed}/{'-'.join(map(str, budgets))}"] = {
+                "protocol": label,
+                "config": json.loads(json.dumps(cfg, default=lambda o: o.__dict__)),
+                "train": len(train),
+                "val": len(val),
+                "test": len(test),
+                "data": files,
+                "teacher_top1": t_top1,
+                "seconds": time.perf_counter() - t0,
+            }
+            print(f"{ds} seed {seed}: teacher top-1 {t_top1:.4f}, {time.perf_counter() - t0:.0f} s")
+    keys = {(r["dataset"], r["method"], r["budget"], r["seed"]) for r in rows}
+    all_rows = [r for r in old_rows if (r["dataset"], r["method"], r["budget"], r["seed"]) not in keys] + rows
+    all_rows.sort(key=lambda r: (r["dataset"], -r["budget"], r["method"], r["seed"]))
+    all_hist = {**old_hist, **histories}
+    cols = [
+        ("dataset", "dataset", "s"),
+        ("method", "method", "s"),
+        ("budget", "budget", "d"),
+        ("relus_in_onnx", "ReLUs(onnx)", "d"),
+        ("top1", "top1", ".4f"),
+        ("compute_units", "compute", "d"),
+        ("seconds", "s", ".0f"),
+        ("seed", "seed", "d"),
+    ]
+    print(table(all_rows, cols))
+    summary = _summary(all_rows)
+    print(json.dumps(summary, indent=1))
+    png = RESULTS / f"{args.json}.png"
+    curves = {k: v for k, v in sorted(all_hist.items()) if k.endswith("seed0")}
+    plot_histories(curves, png, "BCD: validation top-1 vs live ReLUs (seed 0)")
+    write_json(
+        args.json,
+        {
+            "environment": environment(),
+            "rows": all_rows,
+            "summary": summary,
+            "runs": {**old_meta, **runs},
+            "histories": all_hist,
+            "notes": "compute_units = sample passes (forward 1, train step 3 per sample), matched per budget "
+            "by giving the cheaper method extra final fine-tuning; seconds = wall time of the search "
+            "share plus final fine-tune (the shared SNL path is apportioned by compute).",
+        },
+    )
+    print(f"wrote {previous} and {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
