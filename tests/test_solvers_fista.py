@@ -80,9 +80,10 @@ def variant_problem():
 
 @pytest.mark.parametrize("restart", ["gradient", "function", "none"])
 @pytest.mark.parametrize("monotone", [False, True])
-def test_every_variant_reaches_the_same_objective(variant_problem, restart, monotone):
+@pytest.mark.parametrize("momentum_a", [None, 1.0, 3.0])  # Beck & Teboulle, our default, Chambolle & Dossal
+def test_every_variant_reaches_the_same_objective(variant_problem, restart, monotone, momentum_a):
     prob, lam, ref = variant_problem
-    cfg = FistaConfig(tol=1e-8, max_iter=20_000, restart=restart, monotone=monotone)
+    cfg = FistaConfig(tol=1e-8, max_iter=20_000, restart=restart, monotone=monotone, momentum_a=momentum_a)
     res = solve(prob, lam, cfg)
     assert res.converged and res.kkt_residual <= 1e-8
     assert res.objective == pytest.approx(ref, rel=1e-9)
@@ -239,6 +240,7 @@ def test_config_is_json_serialisable():
         ({"grow": 0.9}, "grow must be a finite number >= 1"),
         ({"restart": "always"}, "restart must be 'function', 'gradient' or 'none'"),
         ({"monotone": 1}, "monotone must be a bool"),
+        ({"momentum_a": 0.0}, "momentum_a must be None or a finite number > 0"),
         ({"check_every": 0}, "check_every must be an int >= 1"),
         ({"max_seconds": 0}, "max_seconds must be None or > 0"),
     ],

@@ -51,6 +51,16 @@ def test_pyscnn_iteration_cap_warns():
 
 
 @needs_scnn
+def test_pyscnn_time_cap_stops_unconverged():
+    prob = tiny()
+    cfg = PyscnnConfig(max_iter=10**7, tol=0.0, max_seconds=0.3)
+    with pytest.warns(ConvergenceWarning, match="max_seconds=0.3"):
+        res = solve(prob, 0.01 * prob.lam_max(), cfg, method="pyscnn")
+    assert not res.converged and 0 < res.iterations < 10**7
+    assert res.seconds < 5.0
+
+
+@needs_scnn
 def test_pyscnn_zero_solution_above_lam_max():
     prob = tiny()
     res = solve(prob, 1.5 * prob.lam_max(), method="pyscnn")
@@ -84,6 +94,7 @@ def test_pyscnn_missing_reports_install_hint(monkeypatch):
         ({"max_iter": -1}, "max_iter must be"),
         ({"tol": -1.0}, "tol must be"),
         ({"metric_freq": 0}, "metric_freq"),
+        ({"max_seconds": 0.0}, "max_seconds"),
     ],
 )
 def test_pyscnn_config_validation(kwargs, match):

@@ -12,6 +12,9 @@ algorithm for linear inverse problems", SIAM J. Imaging Sci. 2009) with
   optimization with backtracking", Found. Comput. Math. 2014);
 * adaptive restart of the momentum (O'Donoghue & Candès, "Adaptive restart for accelerated gradient
   schemes", Found. Comput. Math. 2015);
+* the momentum sequence ``t_k = (k + a - 1) / a`` of Chambolle & Dossal, "On the convergence of the
+  iterates of FISTA", JOTA 2015, with ``a = 1`` by default (a marked departure, see
+  ``FistaConfig.momentum_a``; ``momentum_a=None`` gives Beck & Teboulle's sequence);
 * optionally the monotone variant MFISTA (Beck & Teboulle, "Fast gradient-based algorithms for
   constrained total variation image denoising and deblurring problems", IEEE TIP 2009).
 
@@ -108,6 +111,16 @@ class FistaConfig:
     restart: Literal["function", "gradient", "none"] = "gradient"
     # MFISTA: keep the better of the prox point and the previous iterate, so F never increases.
     monotone: bool = False
+    # Momentum sequence: None for Beck & Teboulle's t_{k+1} = (1 + sqrt(1 + 4 t_k^2)) / 2, or a > 0
+    # for t_{k+1} = t_k + 1 / a, i.e. t_k = (k + a - 1) / a (Chambolle & Dossal, "On the
+    # convergence of the iterates of FISTA", JOTA 2015; a = 2 is Beck & Teboulle's sequence
+    # asymptotically, smaller a extrapolates more aggressively). Departure (marked): the default
+    # a = 1 is below Chambolle & Dossal's a > 2, where the worst-case rate drops from O(1/k^2) to
+    # O(1/k^(4/3)) (Attouch, Chbani & Riahi, "Rate of convergence of the Nesterov accelerated
+    # gradient method in the subcritical case alpha <= 3", ESAIM COCV 2019); with the adaptive
+    # restart it needed 0.66x the iterations to 1e-4 suboptimality on the benchmark's synthetic
+    # problem at 0.001 lam_max (405 vs 614) and 0.91x on patches at 0.01 lam_max (234 vs 256).
+    momentum_a: float | None = 1.0
     # Evaluate the stopping test (and record history / call progress) every this many iterations.
     check_every: int = 1
     # Wall-clock cap in seconds; hitting it returns converged=False with a ConvergenceWarning.
@@ -134,6 +147,12 @@ class FistaConfig:
             raise ValueError(f"grow must be a finite number >= 1, got {self.grow!r}")
         if self.restart not in ("function", "gradient", "none"):
             raise ValueError(f"restart must be 'function', 'gradient' or 'none', got {self.restart!r}")
+        if self.momentum_a is not None and not (
+            isinstance(self.momentum_a, (int, float))
+            and math.isfinite(self.momentum_a)
+            and self.momentum_a > 0
+        ):
+            raise ValueError(f"momentum_a must be None or a finite number > 0, got {self.momentum_a!r}")
         if not isinstance(self.monotone, bool):
             raise ValueError(f"monotone must be a bool, got {self.monotone!r}")  # noqa: TRY004
         if not isinstance(self.check_every, int) or self.check_every < 1:
@@ -464,10 +483,14 @@ def fista_step(problem: GatedProblem, lam: float, config: FistaConfig, state: Fi
         restart = False
 
     t = state.t
-    # Beck & Teboulle 2009, eq. (4.2). Departure: Scheinberg, Goldfarb & Bai also rescale t_k by
+    # Beck & Teboulle 2009, eq. (4.2), or Chambolle & Dossal's t_k = (k + a - 1) / a (the default,
+    # a = 1; see FistaConfig.momentum_a). Departure: Scheinberg, Goldfarb & Bai also rescale t_k by
     # the ratio of consecutive steps when the step grows; we keep the plain update and rely on
     # the adaptive restart to reset momentum that overshoots.
-    t_next = (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
+    if config.momentum_a is None:
+        t_next = (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
+    else:  # Chambolle & Dossal 2015: t_k = (k + a - 1) / a
+        t_next = t + 1.0 / config.momentum_a
     if config.monotone and fz > state.fx:
         # MFISTA: keep x_k, but the momentum still points at z:
         # y = x_k + (t_k / t_{k+1}) (z - x_k)  (Beck & Teboulle 2009, TIP, MFISTA step 5).

@@ -56,6 +56,9 @@ class PyscnnConfig:
     tol: float = 1e-6
     # Record pyscnn's objective (and its solve-only clock) every this many iterations.
     metric_freq: int = 1
+    # Wall-clock cap in seconds (None: none), checked by pyscnn before every iteration; hitting it
+    # returns converged=False with a ConvergenceWarning, like max_iter.
+    max_seconds: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_iter, int) or self.max_iter < 0:
@@ -64,6 +67,33 @@ class PyscnnConfig:
             raise ValueError(f"tol must be a finite number >= 0, got {self.tol!r}")
         if not isinstance(self.metric_freq, int) or self.metric_freq < 1:
             raise ValueError(f"metric_freq must be an int >= 1, got {self.metric_freq!r}")
+        if self.max_seconds is not None and not (
+            isinstance(self.max_seconds, (int, float))
+            and math.isfinite(self.max_seconds)
+            and self.max_seconds > 0
+        ):
+            raise ValueError(f"max_seconds must be None or a finite number > 0, got {self.max_seconds!r}")
+
+
+class _Deadline:
+    """pyscnn termination criterion that also stops once ``max_seconds`` have passed.
+
+    pyscnn's loop tests its criterion before every iteration and reports ``success`` when it
+    returns True; :attr:`timed_out` tells the adapter that the stop was the clock, not convergence.
+    """
+
+    def __init__(self, inner, max_seconds: float) -> None:
+        self.inner = inner
+        self.deadline = time.perf_counter() + max_seconds
+        self.timed_out = False
+
+    def __call__(self, *args, **kwargs) -> bool:
+        if self.inner(*args, **kwargs):
+            return True
+        if time.perf_counter() >= self.deadline:
+            self.timed_out = True
+            return True
+        return False
 
 
 def scnn_available() -> bool:
@@ -131,6 +161,10 @@ def _solve_pyscnn(
     metrics = Metrics(metric_freq=config.metric_freq, objective=True, grad_norm=False, time=True)
     procedure = build_optimizer(RFISTA(public, max_iters=config.max_iter, tol=config.tol), reg, metrics)
     logger = logging.getLogger("scnn")  # pyscnn's get_logger would call logging.basicConfig
+    deadline = None
+    if config.max_seconds is not None:
+        deadline = _Deadline(procedure.term_criterion, config.max_seconds)
+        procedure.term_criterion = deadline
     t0 = time.perf_counter()
     exit_status, model, log = procedure(
         logger, model, lambda m: m, (X, Y), (X, Y), build_metrics_tuple(metrics)
@@ -149,13 +183,15 @@ def _solve_pyscnn(
         "seconds": list(np.cumsum(spans[: len(objs)])) if spans else [],
     }
     iterations = int(max(len(objs) - 1, 0) * config.metric_freq)
-    converged = bool(exit_status.get("success", False))
+    timed_out = deadline is not None and deadline.timed_out
+    converged = bool(exit_status.get("success", False)) and not timed_out
     if progress is not None and objs:
         progress(iterations, objs[-1], kkt)
     if not converged:
         warnings.warn(
             f"pyscnn R-FISTA stopped without meeting its tol={config.tol:g} (max_iter="
-            f"{config.max_iter}; raise max_iter): our relative KKT residual there is {kkt:.3g}",
+            f"{config.max_iter}, max_seconds={config.max_seconds}; raise max_iter or max_seconds): "
+            f"our relative KKT residual there is {kkt:.3g}",
             ConvergenceWarning,
             stacklevel=3,
         )
