@@ -68,22 +68,32 @@ class FistaConfig:
     row_chunk: int = 256  # rows per chunk in the row operator (bounds the working memory)
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.tol, (int, float)) and math.isfinite(self.tol) and self.tol >= 0):
-            raise ValueError(f"tol must be a finite number >= 0, got {self.tol!r}")
-        if not isinstance(self.max_iter, int) or isinstance(self.max_iter, bool) or self.max_iter < 0:
-            raise ValueError(f"max_iter must be an int >= 0, got {self.max_iter!r}")
-        if self.step_init is not None and not (
-            isinstance(self.step_init, (int, float)) and math.isfinite(self.step_init) and self.step_init > 0
-        ):
-            raise ValueError(f"step_init must be None or a finite number > 0, got {self.step_init!r}")
-        if not (isinstance(self.backtrack, (int, float)) and 0 < self.backtrack < 1):
-            raise ValueError(f"backtrack must be in (0, 1), got {self.backtrack!r}")
-        if not (isinstance(self.grow, (int, float)) and math.isfinite(self.grow) and self.grow >= 1):
-            raise ValueError(f"grow must be a finite number >= 1, got {self.grow!r}")
-        if self.restart not in ("gradient", "function", "none"):
-            raise ValueError(f"restart must be 'gradient', 'function' or 'none', got {self.restart!r}")
+        check_fista_settings(self)
         if not isinstance(self.row_chunk, int) or isinstance(self.row_chunk, bool) or self.row_chunk < 1:
             raise ValueError(f"row_chunk must be an int >= 1, got {self.row_chunk!r}")
+
+
+def check_fista_settings(config) -> None:
+    """Validate the settings the host and device FISTA configs share (one check for both).
+
+    ``tol``, ``max_iter``, ``step_init``, ``backtrack``, ``grow`` and ``restart``; raises
+    ``ValueError`` naming the field. The host's ``FistaConfig`` calls this too.
+    """
+    tol, max_iter, step_init = config.tol, config.max_iter, config.step_init
+    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0):
+        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
+    if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 0:
+        raise ValueError(f"max_iter must be an int >= 0, got {max_iter!r}")
+    if step_init is not None and not (
+        isinstance(step_init, (int, float)) and math.isfinite(step_init) and step_init > 0
+    ):
+        raise ValueError(f"step_init must be None or a finite number > 0, got {step_init!r}")
+    if not (isinstance(config.backtrack, (int, float)) and 0 < config.backtrack < 1):
+        raise ValueError(f"backtrack must be in (0, 1), got {config.backtrack!r}")
+    if not (isinstance(config.grow, (int, float)) and math.isfinite(config.grow) and config.grow >= 1):
+        raise ValueError(f"grow must be a finite number >= 1, got {config.grow!r}")
+    if config.restart not in ("gradient", "function", "none"):
+        raise ValueError(f"restart must be 'function', 'gradient' or 'none', got {config.restart!r}")
 
 
 # ----------------------------------------------------------------------------- prox

@@ -104,20 +104,10 @@ def adam_init(
     problem: GatedProblem, lam: float, config: AdamConfig, V0: torch.Tensor | None = None
 ) -> AdamState:
     """Start at ``V0`` (zeros if None) with zero moments."""
-    from convexedge.host.solvers.fista import _operator
+    from convexedge.host.solvers.fista import _start_point
 
-    shape = (problem.P, problem.d, problem.c)
-    like = {"dtype": problem.Z.dtype, "device": problem.Z.device}
-    if V0 is not None and tuple(V0.shape) != shape:
-        raise ValueError(f"V0 must have shape (P, d, c) = {shape}, got {tuple(V0.shape)}")
-    op = _operator(problem, config)
-    if V0 is None:
-        x = torch.zeros(shape, **like)
-        pred = torch.zeros(op.image_shape, **like)
-    else:
-        x = V0.detach().to(**like).clone()
-        pred = op.image(x)
-    zeros = torch.zeros(shape, **like)
+    op, x, pred = _start_point(problem, config, V0)
+    zeros = torch.zeros_like(x)
     return AdamState(x=x, pred_x=pred, grad_x=op.grad(pred), m=zeros, v=zeros.clone(), it=0)
 
 

@@ -66,6 +66,7 @@ import numpy as np
 import torch
 
 from convexedge.device.errors import ArtifactError, ConvergenceWarning
+from convexedge.device.fista import check_fista_settings
 from convexedge.host.solvers.adam import AdamConfig, _solve_adam
 from convexedge.host.solvers.checkpoint import SolverCheckpoint, load_arrays, save_arrays
 from convexedge.host.solvers.problem import (
@@ -133,20 +134,7 @@ class FistaConfig:
     gram_max_bytes: int = 512 * 2**20
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_iter, int) or self.max_iter < 0:
-            raise ValueError(f"max_iter must be an int >= 0, got {self.max_iter!r}")
-        if not (isinstance(self.tol, (int, float)) and math.isfinite(self.tol) and self.tol >= 0):
-            raise ValueError(f"tol must be a finite number >= 0, got {self.tol!r}")
-        if self.step_init is not None and not (
-            isinstance(self.step_init, (int, float)) and math.isfinite(self.step_init) and self.step_init > 0
-        ):
-            raise ValueError(f"step_init must be None or a finite number > 0, got {self.step_init!r}")
-        if not (isinstance(self.backtrack, (int, float)) and 0 < self.backtrack < 1):
-            raise ValueError(f"backtrack must be in (0, 1), got {self.backtrack!r}")
-        if not (isinstance(self.grow, (int, float)) and math.isfinite(self.grow) and self.grow >= 1):
-            raise ValueError(f"grow must be a finite number >= 1, got {self.grow!r}")
-        if self.restart not in ("function", "gradient", "none"):
-            raise ValueError(f"restart must be 'function', 'gradient' or 'none', got {self.restart!r}")
+        check_fista_settings(self)  # the checks shared with the device FISTA
         if self.momentum_a is not None and not (
             isinstance(self.momentum_a, (int, float))
             and math.isfinite(self.momentum_a)
@@ -370,6 +358,24 @@ def _operator(problem: GatedProblem, config: FistaConfig) -> _Operator:
 
 
 # --------------------------------------------------------------------------------- init / step
+def _start_point(
+    problem: GatedProblem, config: FistaConfig, V0: torch.Tensor | None
+) -> tuple[_Operator, torch.Tensor, torch.Tensor]:
+    """The operator, the start ``x`` (a copy of ``V0``, zeros if None) and its image ``A x``.
+
+    Shared by the FISTA and proximal-Adam inits; ``V0`` of the wrong shape raises ``ValueError``.
+    """
+    shape = (problem.P, problem.d, problem.c)
+    like = {"dtype": problem.Z.dtype, "device": problem.Z.device}
+    if V0 is not None and tuple(V0.shape) != shape:
+        raise ValueError(f"V0 must have shape (P, d, c) = {shape}, got {tuple(V0.shape)}")
+    op = _operator(problem, config)
+    if V0 is None:
+        return op, torch.zeros(shape, **like), torch.zeros(op.image_shape, **like)
+    x = V0.detach().to(**like).clone()
+    return op, x, op.image(x)
+
+
 def _estimate_step(problem: GatedProblem, op: _Operator | None = None) -> float:
     """``1 / L`` with ``L = ||A||^2 / n`` from a few power iterations on ``A^T A / n``.
 
@@ -404,17 +410,7 @@ def fista_init(
         config: solver settings.
         V0: (P, d, c) warm start (copied to the problem's dtype/device), or None.
     """
-    shape = (problem.P, problem.d, problem.c)
-    like = {"dtype": problem.Z.dtype, "device": problem.Z.device}
-    if V0 is not None and tuple(V0.shape) != shape:
-        raise ValueError(f"V0 must have shape (P, d, c) = {shape}, got {tuple(V0.shape)}")
-    op = _operator(problem, config)
-    if V0 is None:
-        x = torch.zeros(shape, **like)
-        pred = torch.zeros(op.image_shape, **like)
-    else:
-        x = V0.detach().to(**like).clone()
-        pred = op.image(x)
+    op, x, pred = _start_point(problem, config, V0)
     grad = op.grad(pred)
     fx = op.smooth(x, pred) + lam * float(problem.penalty(x))
     step = config.step_init if config.step_init is not None else _estimate_step(problem, op)
