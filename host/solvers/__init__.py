@@ -9,7 +9,8 @@ adjoint in row chunks; :func:`solve` minimises ``1/(2n) ||A(V) - Y||_F^2 + lam *
 ``converged`` flag and ``kkt_residual`` certificate say how good ``V`` is; non-convergence is a
 ``ConvergenceWarning``, never an exception. :func:`fista_init` / :func:`fista_step` expose the
 solver as pure functions over a :class:`FistaState` so a caller can run a few iterations and resume;
-:func:`solve_path` solves a decreasing ``lam`` path with warm starts and strong-rule screening.
+:func:`solve_path` solves a decreasing ``lam`` path with warm starts and strong-rule screening;
+:func:`newton_polish` drives an answer to a tight KKT residual (active-set Newton, float64).
 Both take ``checkpoint=SolverCheckpoint(folder)`` to save and resume their state, and run data
 parallel on a problem built with a reduction hook (``GatedProblem(..., comm=...)``).
 Everything runs in torch on the tensors' device (CPU or CUDA).
@@ -26,6 +27,7 @@ from convexedge.host.solvers.fista import (
     kkt_residual,
     solve,
 )
+from convexedge.host.solvers.newton import NewtonConfig, newton_polish
 from convexedge.host.solvers.path import solve_path
 from convexedge.host.solvers.problem import GatedProblem, group_norms, prox_group
 from convexedge.host.solvers.scnn_adapter import PyscnnConfig
@@ -35,6 +37,7 @@ __all__ = [
     "FistaConfig",
     "FistaState",
     "GatedProblem",
+    "NewtonConfig",
     "PyscnnConfig",
     "SolveResult",
     "SolverCheckpoint",
@@ -42,6 +45,7 @@ __all__ = [
     "fista_step",
     "group_norms",
     "kkt_residual",
+    "newton_polish",
     "prox_group",
     "solve",
     "solve_path",
