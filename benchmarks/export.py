@@ -7,6 +7,11 @@ c / head), gate (mask) agreement, top-1 agreement and accuracy on the exact 1k t
 ops (and whether every op is a TFLite Micro builtin), and per-image latency at batch 1 on one thread as
 a ratio to torch CPU (to the numpy head for c / head).
 
+The int8 files use min/max activation ranges over the calibration images (``--int8-ranges ema``: the
+quantizer's moving average); for the distilled model, the int8 refit of its student
+(``converters.int8_refit``) with ``--int8-refit``; the summary gives the distilled model's fp32
+and int8 top-1, the int8 top-1 before the refit, and the teacher's top-1.
+
 Run (TFLite needs the [tflite] extra): ``OMP_NUM_THREADS=1 python -m benchmarks.export --student DIR
 [--quick]``; without ``--student`` a quick demo is run first. Writes ``benchmarks/results/export.json``.
 """
@@ -81,6 +86,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--quick", action="store_true", help="200 test images, 200 calibration images")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--int8-ranges", choices=["minmax", "ema"], default="minmax", help="int8 activation ranges"
+    )
+    ap.add_argument(
+        "--int8-refit",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="refit the distilled model's student for its int8 file (converters.int8_refit; default off)",
+    )
     args = ap.parse_args(argv)
     import torch
 
@@ -110,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         for fmt in ("onnx", "tflite-int8") if have_tflite else ("onnx",):
             out = tmp / f"{label}-{fmt}"
             rep = run_export(ExportOptions(model=spec, format=fmt, out=str(out), test_images=n_test,
-                                           calib_images=n_cal))  # fmt: skip
+                                           calib_images=n_cal, int8_ranges=args.int8_ranges,
+                                           int8_refit=args.int8_refit))  # fmt: skip
             files = {r["format"]: r["file"] for r in rep["rows"]}
             for r in rep["rows"]:
                 r = {
@@ -161,7 +176,21 @@ def main(argv: list[str] | None = None) -> int:
         "int8_top1_drop_max": max(drops) if drops else None,
         "int8_all_ops_in_tflm": all(r["all_ops_in_tflm"] for r in rows if r["format"] == "tflite-int8"),
         "tflite_measured": have_tflite,
+        "int8_ranges": args.int8_ranges,
     }
+    q8 = next((r for r in rows if r["model"] == "distilled" and r["format"] == "tflite-int8"), None)
+    if q8 is not None:  # the distilled int8 file: fp32 vs int8, the refit's effect, and vs the teacher
+        refit = q8.get("int8_refit") or {}
+        before = refit.get("before_refit") or {}
+        summary.update(
+            distilled_fp32_top1=q8["top1_reference"],
+            distilled_int8_top1=q8["top1"],
+            distilled_int8_refit_applied=bool(refit.get("applied")),
+            distilled_int8_top1_before_refit=before.get("top1_export"),
+            distilled_int8_top1_agreement_before_refit=before.get("top1_agreement"),
+            teacher_top1=q8.get("teacher_top1"),
+            distilled_int8_top1_agreement_with_teacher=q8.get("top1_agreement_with_teacher"),
+        )
     for r in rows:
         r["ops_text"] = ",".join(r["ops"]) if r["ops"] else None
     columns = [

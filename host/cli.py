@@ -103,6 +103,26 @@ def _build_parser() -> argparse.ArgumentParser:
     exp.add_argument(
         "--calib-images", type=_positive_int, default=500, help="calibration images (default 500)"
     )
+    exp.add_argument(
+        "--int8-ranges",
+        choices=["minmax", "ema"],
+        default="minmax",
+        help="tflite-int8 activation ranges: min/max over all calibration images (default) or the "
+        "quantizer's moving average of per-image extremes",
+    )
+    exp.add_argument(
+        "--int8-refit",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="tflite-int8 of a student: refit its V (label-free, same lam) to the input and masks it has "
+        "inside the int8 file, then re-quantise; the fp32 files keep the fitted student (default: off)",
+    )
+    exp.add_argument(
+        "--int8-refit-images",
+        type=_positive_int,
+        default=2000,
+        help="unlabeled training images the int8 refit runs on (default 2000)",
+    )
     ref = sub.add_parser(
         "refit",
         help="simulate a device: refit a head store on a folder of activations",
@@ -259,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
                     test_images=args.test_images,
                     calib=None if args.calib is None else str(args.calib),
                     calib_images=args.calib_images,
+                    int8_ranges=args.int8_ranges,
+                    int8_refit=args.int8_refit,
+                    int8_refit_images=args.int8_refit_images,
                 )
             )
         return 0
