@@ -3,8 +3,10 @@
 For each problem (``synthetic`` and ``patches`` of BENCHMARKS.md section 1, plus a ``wide`` one with
 more gates than samples) and group form, in float64:
 
-1. solve with our FISTA to a relative KKT residual of 1e-10 (``--quick``: 1e-9, with a time cap;
-   the achieved residual is recorded);
+1. solve to a relative KKT residual of 1e-10 (``--quick``: 1e-9, with a time cap; the achieved
+   residual is recorded): our FISTA, and where it stalls (a quarter of the cap) the active-set Newton
+   polish (:func:`convexedge.host.solvers.newton_polish`) from its answer; FISTA alone cannot do
+   ``patches`` (it stood at 9e-5 after 900 s in float64 with the Gram operator);
 2. ``prune_to_minimal``: active neurons before and after, the relative objective change, seconds
    (median of 3 repeats, raw repeats kept), whether the optimum was unique;
 3. magnitude pruning to the same neuron count, with and without a re-solve on the kept gates:
@@ -30,12 +32,15 @@ import sys
 import tempfile
 import textwrap
 import time
+import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from benchmarks._common import RESULTS, environment, table, write_json
+from convexedge.device.errors import ConvergenceWarning
 from convexedge.host.optimal_set import (
     check_uniqueness,
     magnitude_prune,
@@ -44,7 +49,7 @@ from convexedge.host.optimal_set import (
     regularization_path,
     solve_relu,
 )
-from convexedge.host.solvers import FistaConfig, GatedProblem, solve
+from convexedge.host.solvers import FistaConfig, GatedProblem, NewtonConfig, newton_polish, solve
 
 
 # --------------------------------------------------------------------------------- problems
@@ -142,6 +147,11 @@ def _run_scnn(py: str | None, script: str, arrays: dict, timeout: float) -> dict
 
 
 # --------------------------------------------------------------------------------- one row
+GRAM_MAX_BYTES = 2 * 2**30
+SUPPORT_TOL = 1e-4  # FISTA's tolerance in the Newton polish's support phase
+FISTA_SHARE = 0.25  # of a row's solve budget for FISTA alone before the Newton polish
+
+
 def _r2(prob: GatedProblem, V: torch.Tensor) -> float:
     pred = prob.forward(V)
     return float(1 - (pred - prob.Y).square().sum() / (prob.Y - prob.Y.mean(0)).square().sum())
@@ -155,10 +165,25 @@ def run_problem(
     lam = lam_ratio * prob.lam_max()
     row = {"problem": name, "group": group, "n": prob.n, "d": prob.d, "c": prob.c, "P": prob.P,
            "lam_ratio": lam_ratio, "lam": lam}  # fmt: skip
-    cfg = FistaConfig(tol=tol, max_iter=10**6, max_seconds=max_seconds)
-    res = solve(prob, lam, cfg)
+    # The Gram operator (A^T A built once, float64) whenever n > P d: on patches (n=32,000, P d=9,248)
+    # it takes 684 MB and makes an iteration ~7x cheaper than two passes over the rows.
+    # FISTA first (capped at FISTA_SHARE of the budget); where it stalls above ``tol`` the
+    # active-set Newton polish takes over from its answer with the rest of the budget.
+    fista = FistaConfig(max_iter=10**6, max_seconds=max_seconds, gram_max_bytes=GRAM_MAX_BYTES)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # reported in the row (kkt, converged)
+        first = solve(prob, lam, replace(fista, tol=tol, max_seconds=FISTA_SHARE * max_seconds))
+        res = first
+        if not first.converged:
+            cfg = NewtonConfig(tol=tol, support_tol=SUPPORT_TOL, max_seconds=max_seconds, fista=fista)
+            res = newton_polish(prob, lam, first.V, config=cfg)
+            res.seconds += first.seconds
+            res.iterations += first.iterations
+    row["polished"] = not first.converged
+    row["fista_kkt"] = first.kkt_residual
     row.update(solve_seconds=res.seconds, solve_iterations=res.iterations, kkt=res.kkt_residual,
-               converged=res.converged, objective=res.objective)  # fmt: skip
+               converged=res.converged, objective=res.objective, operator=res.operator,
+               prune_repeats=repeats)  # fmt: skip
     times, out = [], None
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -179,8 +204,8 @@ def run_problem(
         row.update(unique=None, uniqueness_reason=f"error: {exc}")
     k = out.active_after
     for refit in (False, True):
-        mp = magnitude_prune(prob, res, k, refit=refit, config=FistaConfig(tol=1e-8, max_iter=20000,
-                                                                        max_seconds=max_seconds))  # fmt: skip
+        mp = magnitude_prune(prob, res, k, refit=refit, config=FistaConfig(
+            tol=1e-8, max_iter=20000, max_seconds=max_seconds, gram_max_bytes=GRAM_MAX_BYTES))  # fmt: skip
         key = "magnitude_refit" if refit else "magnitude"
         row[f"{key}_rel_objective_change"] = mp.rel_objective_change
         row[f"{key}_r2"] = _r2(prob, mp.V)
@@ -222,83 +247,132 @@ def run_relu(Z, Y, G, lam_ratio, scnn_py) -> dict:
     return row
 
 
+PARTS = ("synthetic", "wide", "patches", "relu", "path")
+
+
+def _summary(rows: list[dict], relu_row: dict, path_info: dict) -> dict:
+    ok = [r for r in rows if "error" not in r]
+    eligible = [r for r in ok if r["active_before"] > r["n"] or r["dependent_before"]]
+    return {
+        "neuron_reduction_min": min((r["reduction"] for r in eligible), default=None),
+        "neuron_reduction_problems": [f"{r['problem']} [{r['group']}]" for r in eligible],
+        "max_rel_objective_change": max((abs(r["rel_objective_change"]) for r in ok), default=None),
+        "all_vertices_independent": all(r["independent_after"] for r in ok),
+        "all_solves_converged": all(r["converged"] for r in ok),
+        "relu_objective_ratio_ours_over_pyscnn": relu_row.get("objective_ratio"),
+        "relu_seconds_ratio_pyscnn_over_ours": relu_row.get("seconds_ratio_pyscnn_over_ours"),
+        "path_png": path_info.get("png"),
+        "path_change_points": len(path_info.get("change_points", [])) if path_info else None,
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--scnn-python", default="/tmp/scnn6-venv/bin/python",
                         help="python of a venv with pyscnn==0.0.10 and convexedge installed")  # fmt: skip
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--parts", default=",".join(PARTS), help=f"subset of {','.join(PARTS)} (to split a long run)"
+    )
+    parser.add_argument(
+        "--merge", action="store_true", help="keep the other parts' rows from the JSON (same --quick)"
+    )
+    parser.add_argument(
+        "--scnn-timeout", type=float, default=None, help="seconds per pyscnn run (30 quick, 1800 full)"
+    )
     args = parser.parse_args(argv)
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    bad = sorted(set(parts) - set(PARTS))
+    if bad:
+        parser.error(f"unknown parts {bad}; choose from {list(PARTS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     q = args.quick
     tol = 1e-9 if q else 1e-10
     cap = 10.0 if q else 600.0
+    scnn_timeout = args.scnn_timeout if args.scnn_timeout is not None else (30 if q else 1800)
+    old: dict = {}
+    out_path = RESULTS / "optimal_sets.json"
+    if args.merge and out_path.exists():
+        old = json.loads(out_path.read_text())
+        if old.get("settings", {}).get("quick") != q:
+            parser.error("--merge needs an existing JSON from a run with the same --quick")
     problems = []
-    if q:
-        problems.append(("synthetic (n=400, d=20, c=4, P=32)", *synthetic(400, 20, 4, 32)))
-    else:
-        problems.append(("synthetic", *synthetic(4000, 256, 16, 64)))
-    # Many random gates on low-dimensional data (2 features + bias): gates repeat activation
-    # patterns, FISTA moves gates with equal masks identically, and the optimum it returns is
-    # not a vertex. The regime where optima are not unique.
-    Zw, Yw, _ = synthetic(20, 2, 1, 1, hidden=16)
-    Zw = np.hstack([Zw, np.ones((20, 1))])
-    Gw = np.random.default_rng(0).standard_normal((3, 256))
-    problems.append(("wide (n=20, d=2+1, c=1, P=256)", Zw, Yw, Gw))
+    if "synthetic" in parts or "path" in parts:
+        if q:
+            problems.append(("synthetic", "synthetic (n=400, d=20, c=4, P=32)", *synthetic(400, 20, 4, 32)))
+        else:
+            problems.append(("synthetic", "synthetic", *synthetic(4000, 256, 16, 64)))
+    if "wide" in parts:
+        # Many random gates on low-dimensional data (2 features + bias): gates repeat activation
+        # patterns, FISTA moves gates with equal masks identically, and the optimum it returns is
+        # not a vertex. The regime where optima are not unique.
+        Zw, Yw, _ = synthetic(20, 2, 1, 1, hidden=16)
+        Zw = np.hstack([Zw, np.ones((20, 1))])
+        Gw = np.random.default_rng(0).standard_normal((3, 256))
+        problems.append(("wide", "wide (n=20, d=2+1, c=1, P=256)", Zw, Yw, Gw))
     images = 4 if q else 500
     P_patch = 4 if q else 32
-    t0 = time.perf_counter()
-    try:
-        Zp, Yp, Gp = patches(images, P_patch)
-        problems.append((f"patches ({images} images, P={P_patch})", Zp, Yp, Gp))
-        patch_error = None
-    except Exception as exc:  # noqa: BLE001
-        patch_error = f"{type(exc).__name__}: {exc}"
-    print(f"data ready ({time.perf_counter() - t0:.0f} s)", flush=True)
+    patch_error = None
+    if "patches" in parts:
+        t0 = time.perf_counter()
+        try:
+            Zp, Yp, Gp = patches(images, P_patch)
+            problems.append(("patches", f"patches ({images} images, P={P_patch})", Zp, Yp, Gp))
+        except Exception as exc:  # noqa: BLE001
+            patch_error = f"{type(exc).__name__}: {exc}"
+        print(f"data ready ({time.perf_counter() - t0:.0f} s)", flush=True)
     lam_ratio = 0.01
-    rows = []
-    for name, Z, Y, G in problems:
+    rows = [r for r in old.get("rows", []) if r.get("part") not in parts]
+    for part, name, Z, Y, G in problems:
+        if part not in parts:
+            continue
         for group in ("gate", "gate_output"):
             t1 = time.perf_counter()
-            wide = name.startswith("wide")
+            wide = part == "wide"
             ratio = 1e-3 if wide else lam_ratio
             try:
                 cap_p = 3 * cap if wide else cap
+                # one prune repeat on patches: each takes minutes (rank of a 32,000 x ~9,000 matrix)
                 row = run_problem(name, Z, Y, G, group, ratio, tol, cap_p, args.scnn_python,
-                                  scnn_timeout=30 if q else 1800)  # fmt: skip
+                                  repeats=1 if part == "patches" and not q else 3,
+                                  scnn_timeout=scnn_timeout)  # fmt: skip
             except Exception as exc:  # noqa: BLE001 - a crashing row is reported with its error
                 row = {"problem": name, "group": group, "error": f"{type(exc).__name__}: {exc}"}
+            row["part"] = part
+            row["row_seconds"] = time.perf_counter() - t1
             rows.append(row)
-            print(f"  {name} [{group}]: {time.perf_counter() - t1:.0f} s", flush=True)
+            print(f"  {name} [{group}]: {row['row_seconds']:.0f} s", flush=True)
     if patch_error:
-        rows.append({"problem": "patches", "group": "-", "error": patch_error})
-    # exact ReLU form on a tiny problem
-    Zr, Yr, Gr = synthetic(20, 3, 1, 16, hidden=8, seed=1)
-    try:
-        relu_row = run_relu(Zr, Yr, Gr, 0.05, args.scnn_python)
-    except Exception as exc:  # noqa: BLE001
-        relu_row = {"problem": "relu-tiny", "error": f"{type(exc).__name__}: {exc}"}
-    # path PNG on the first (synthetic) problem
-    name, Z, Y, G = problems[0]
-    pprob = GatedProblem.from_arrays(Z, Y, Z @ G >= 0, dtype="float64")
-    path = regularization_path(pprob, n_lams=8 if q else 20, lam_min_ratio=1e-3,
-                               config=FistaConfig(tol=1e-8, max_iter=10**5, max_seconds=cap),
-                               prune=True)  # fmt: skip
-    png = plot_path(path, RESULTS / "optimal_sets_path.png")
-
-    ok = [r for r in rows if "error" not in r]
-    eligible = [r for r in ok if r["active_before"] > r["n"] or r["dependent_before"]]
-    summary = {
-        "neuron_reduction_min": min((r["reduction"] for r in eligible), default=None),
-        "neuron_reduction_problems": [f"{r['problem']} [{r['group']}]" for r in eligible],
-        "max_rel_objective_change": max((abs(r["rel_objective_change"]) for r in ok), default=None),
-        "all_vertices_independent": all(r["independent_after"] for r in ok),
-        "relu_objective_ratio_ours_over_pyscnn": relu_row.get("objective_ratio"),
-        "relu_seconds_ratio_pyscnn_over_ours": relu_row.get("seconds_ratio_pyscnn_over_ours"),
-        "path_png": str(png),
-        "path_change_points": len(path.change_points),
-    }
+        rows.append({"problem": "patches", "part": "patches", "group": "-", "error": patch_error})
+    relu_row = old.get("relu", {})
+    if "relu" in parts:  # exact ReLU form on a tiny problem
+        Zr, Yr, Gr = synthetic(20, 3, 1, 16, hidden=8, seed=1)
+        try:
+            relu_row = run_relu(Zr, Yr, Gr, 0.05, args.scnn_python)
+        except Exception as exc:  # noqa: BLE001
+            relu_row = {"problem": "relu-tiny", "error": f"{type(exc).__name__}: {exc}"}
+    path_info = old.get("path", {})
+    if "path" in parts:  # path PNG on the synthetic problem
+        _, name, Z, Y, G = problems[0]
+        pprob = GatedProblem.from_arrays(Z, Y, Z @ G >= 0, dtype="float64")
+        t1 = time.perf_counter()
+        path = regularization_path(pprob, n_lams=8 if q else 20, lam_min_ratio=1e-3,
+                                   config=FistaConfig(tol=1e-8, max_iter=10**5, max_seconds=cap),
+                                   prune=True)  # fmt: skip
+        png = plot_path(path, RESULTS / "optimal_sets_path.png")
+        path_info = {
+            "problem": name,
+            "lams": path.lams.tolist(),
+            "active": [len(a) for a in path.active],
+            "pruned_active": path.pruned_active.tolist(),
+            "losses": path.losses.tolist(),
+            "change_points": path.change_points,
+            "png": str(png),
+            "seconds": time.perf_counter() - t1,
+        }  # fmt: skip
+    summary = _summary(rows, relu_row, path_info)
     print(
         table(
             [r for r in rows if "error" not in r],
@@ -325,28 +399,27 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"  ERROR {r['problem']} [{r.get('group')}]: {r['error']}")
     print("relu-tiny:", {k: v for k, v in relu_row.items() if not isinstance(v, dict)})
     print("summary:", json.dumps(summary, indent=1))
+    runs = [r for r in old.get("runs", []) if set(r.get("parts", [])) - set(parts)]
+    runs.append({"parts": parts, "environment": environment()})
     payload = {
         "benchmark": "optimal_sets",
         "environment": environment(),
+        "runs": runs,
         "settings": {
             "quick": q,
             "tol": tol,
             "max_seconds": cap,
             "lam_ratio": lam_ratio,
             "dtype": "float64",
+            "operator": "auto (Gram A^T A when n > P d; forced for patches)",
             "seeds": {"data": 0, "gates": 0},
             "prune_repeats": 3,
             "scnn_python": args.scnn_python,
+            "scnn_timeout": scnn_timeout,
         },  # fmt: skip
         "rows": rows,
         "relu": relu_row,
-        "path": {
-            "lams": path.lams.tolist(),
-            "active": [len(a) for a in path.active],
-            "pruned_active": path.pruned_active.tolist(),
-            "losses": path.losses.tolist(),
-            "change_points": path.change_points,
-        },  # fmt: skip
+        "path": path_info,
         "summary": summary,
     }
     out = write_json("optimal_sets", payload)

@@ -132,3 +132,12 @@ def test_errors():
         NewtonConfig(max_rounds=0)
     with pytest.raises(ValueError, match="tol"):
         NewtonConfig(tol=float("nan"))
+
+
+def test_support_too_large_to_factorise_falls_back_to_fista():
+    prob = make_problem(seed=4)
+    lam = 0.01 * prob.lam_max()
+    res = newton_polish(prob, lam, config=NewtonConfig(tol=1e-10, max_dim=1))
+    assert res.converged and res.kkt_residual <= 1e-10
+    ref = newton_polish(prob, lam)
+    assert res.objective == pytest.approx(ref.objective, rel=1e-9)

@@ -57,6 +57,9 @@ class NewtonConfig:
         max_newton: Newton steps per round.
         damping: relative Tikhonov damping of the Newton system (see the module docstring).
         max_seconds: wall-clock cap over the whole polish (None = no cap).
+        max_dim: largest Newton system ``k d`` (active gates times features) to factorise; above it
+            (a float64 Cholesky of ``max_dim^2`` entries, 1.1 GB at 12,000) the polish runs FISTA
+            alone to ``tol`` instead.
         fista: settings of the support phase (``tol`` is replaced by ``support_tol``).
     """
 
@@ -66,6 +69,7 @@ class NewtonConfig:
     max_newton: int = 30
     damping: float = 1e-12
     max_seconds: float | None = None
+    max_dim: int = 12_000
     fista: FistaConfig = field(default_factory=lambda: FistaConfig(max_iter=100_000))
 
     def __post_init__(self) -> None:
@@ -73,7 +77,7 @@ class NewtonConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-        for name in ("max_rounds", "max_newton"):
+        for name in ("max_rounds", "max_newton", "max_dim"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
@@ -170,6 +174,20 @@ def _newton_block(K0, B, X, lam, d, damping, steps, gtol) -> tuple[torch.Tensor,
     return X, False
 
 
+def _newton_dim(V: torch.Tensor, group: str) -> int:
+    """Size ``k d`` of the largest Newton system on the support of ``V``."""
+    norms = group_norms(V, group)
+    k = int((norms > 0).sum()) if group == "gate" else int((norms > 0).sum(dim=0).max())
+    return k * V.shape[1]
+
+
+def _record(history: dict, iterations: int, objective: float, kkt: float, start: float) -> None:
+    row = {"iteration": float(iterations), "objective": objective, "kkt": kkt, "step": 1.0,
+           "seconds": time.perf_counter() - start}  # fmt: skip
+    for key, value in row.items():
+        history[key].append(value)
+
+
 def _kkt_parts(problem: GatedProblem, V: torch.Tensor, lam: float) -> tuple[float, bool]:
     """The relative KKT residual and whether some zero group violates ``||grad_g|| <= lam``."""
     grad = problem.adjoint(problem.forward(V) - problem.Y) / problem.n
@@ -210,6 +228,7 @@ def newton_polish(
     B_all = problem._adjoint_y() / n
     # the Newton blocks stop at a tenth of the target residual (same scale as kkt_residual's)
     gtol = 0.1 * cfg.tol * float(torch.linalg.vector_norm(problem._grad0_group_norms()))
+    newton_failed = False
     for _ in range(cfg.max_rounds):
         if V is None:
             fista_tol = max(cfg.support_tol, cfg.tol)
@@ -218,15 +237,31 @@ def newton_polish(
             if kkt <= cfg.tol:
                 break
             # The support is wrong (a zero group violates its condition) or Newton stalled far out:
-            # FISTA fixes the support; a tolerance below the current residual makes it move.
+            # FISTA fixes the support; a tolerance below the current residual makes it move. If
+            # Newton made things worse on this support (e.g. many duplicate gates), FISTA alone
+            # goes on to the target.
             stalled = entering or kkt > cfg.support_tol
             fista_tol = max(cfg.tol, min(cfg.support_tol, 1e-2 * kkt)) if stalled else None
+            if newton_failed:
+                fista_tol = cfg.tol
         if fista_tol is not None:
+            fcfg = cfg.fista
+            if cfg.max_seconds is not None:
+                left = max(cfg.max_seconds - (time.perf_counter() - start), 1e-3)
+                fcfg = FistaConfig(**{**fcfg.__dict__, "max_seconds": min(fcfg.max_seconds or left, left)})
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)
-                res = solve(problem, lam, FistaConfig(**{**cfg.fista.__dict__, "tol": fista_tol}), V0=V)
+                res = solve(problem, lam, FistaConfig(**{**fcfg.__dict__, "tol": fista_tol}), V0=V)
             V, iterations = res.V.to(torch.float64), iterations + res.iterations
+            if newton_failed:
+                kkt = res.kkt_residual
+                _record(history, iterations, problem.objective(V, lam), kkt, start)
+                break
         V = V.clone()
+        if _newton_dim(V, problem.group) > cfg.max_dim:  # too large to factorise: FISTA alone
+            newton_failed = True
+            continue
+        before_V, before_kkt = V.clone(), kkt_residual(problem, V, lam)
         if problem.group == "gate":
             gates = torch.nonzero(group_norms(V, "gate") > 0).flatten().tolist()
             if gates:
@@ -252,15 +287,14 @@ def newton_polish(
                 V[gates, :, j] = X.view(len(gates), d)
         iterations += 1
         kkt = kkt_residual(problem, V, lam)
-        history["iteration"].append(float(iterations))
-        history["objective"].append(problem.objective(V, lam))
-        history["kkt"].append(kkt)
-        history["step"].append(1.0)
-        history["seconds"].append(time.perf_counter() - start)
+        if kkt > before_kkt:  # the Newton phase did not help on this support: undo it
+            V, kkt, newton_failed = before_V, before_kkt, True
+        _record(history, iterations, problem.objective(V, lam), kkt, start)
         if kkt <= cfg.tol:
             break
         if cfg.max_seconds is not None and time.perf_counter() - start >= cfg.max_seconds:
             break
+    kkt = kkt_residual(problem, V, lam)  # the certificate of the point returned
     converged = kkt <= cfg.tol
     if not converged:
         warnings.warn(
