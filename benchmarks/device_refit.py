@@ -39,7 +39,14 @@ import numpy as np  # noqa: E402
 from scipy.ndimage import gaussian_filter  # noqa: E402
 
 from benchmarks._common import environment, table, write_json  # noqa: E402
-from convexedge.device import BufferConfig, FistaConfig, HeadStore, RefitConfig, RefitRuntime  # noqa: E402
+from convexedge.device import (  # noqa: E402
+    BcdConfig,
+    BufferConfig,
+    FistaConfig,
+    HeadStore,
+    RefitConfig,
+    RefitRuntime,
+)
 
 CHUNK = 64
 N_TRAIN, N_VAL = 1024, 256
@@ -85,13 +92,15 @@ def corruptions() -> tuple[dict, list[str]]:
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def _load_data(arg: str | None, load_images, bundled: Path) -> dict:
+def _load_data(arg: str | None, load_images, bundled: Path, eval_images: int = 1000) -> dict:
     """Head-fit, evaluation and stream images.
 
     Default (``../shared/data`` present): the head is fitted on the exact CIFAR-10 training images
-    0..3999, evaluated on the exact test images 0..999, and the stream is made of *other* CIFAR-10
-    test images (the JPEG-decoded copies whose ``orig_index`` is unknown, i.e. not test 0..999), so
-    stream and evaluation are disjoint test images and both are corrupted by the same shift.
+    0..3999, evaluated on the exact test images 0..999 plus, up to ``eval_images``, further
+    JPEG-decoded test images, and the stream is made of *other* CIFAR-10 test images (JPEG-decoded
+    copies whose ``orig_index`` is unknown, i.e. not test 0..999, and not among the evaluation
+    images), so stream and evaluation are disjoint test images and both are corrupted by the same
+    shift.
     Fallback (no shared data, or ``--data bundled``): the bundled 2,000 training / 1,000 test images;
     the stream then reuses training images (whose clean versions fitted the head), as the JSON says.
     """
@@ -100,18 +109,25 @@ def _load_data(arg: str | None, load_images, bundled: Path) -> dict:
     if root is not None and (root / "cifar10-exact").is_dir() and (root / "cifar10").is_dir():
         ex_tr = np.load(root / "cifar10-exact" / "train_0000_3999.npz", allow_pickle=False)
         ex_te = np.load(root / "cifar10-exact" / "test_0000_0999.npz", allow_pickle=False)
-        xs = []
+        xs, ys = [], []
+        extra = max(0, eval_images - len(ex_te["y"]))
         for path in sorted((root / "cifar10").glob("test_*.npz")):
             with np.load(path, allow_pickle=False) as z:
-                xs.append(z["x"][z["orig_index"] < 0])
-            if sum(len(x) for x in xs) >= need:
+                keep = z["orig_index"] < 0
+                xs.append(z["x"][keep])
+                ys.append(z["y"][keep].astype(np.int64))
+            if sum(len(x) for x in xs) >= need + extra:
                 break
-        stream = np.concatenate(xs)[:need]
+        others, other_y = np.concatenate(xs), np.concatenate(ys)
+        stream = others[:need]
         if len(stream) >= need:
+            more_x, more_y = others[need : need + extra], other_y[need : need + extra]
             return {
-                "train": ex_tr["x"], "eval_x": ex_te["x"], "eval_y": ex_te["y"].astype(np.int64),
+                "train": ex_tr["x"], "eval_x": np.concatenate([ex_te["x"], more_x]),
+                "eval_y": np.concatenate([ex_te["y"].astype(np.int64), more_y]),
                 "stream": stream, "source": str(root),
                 "stream_source": "CIFAR-10 test images outside the evaluation set (JPEG-decoded copies)",
+                "eval_source": f"exact test 0..999 + {len(more_y)} JPEG-decoded test images (not streamed)",
                 "fallback_reason": None,
             }  # fmt: skip
         reason = f"{root}/cifar10 has only {len(stream)} test images outside test 0..999"
@@ -122,7 +138,7 @@ def _load_data(arg: str | None, load_images, bundled: Path) -> dict:
     return {
         "train": train.x, "eval_x": test.x, "eval_y": test.y, "stream": train.x[:need],
         "source": str(bundled), "stream_source": "training images (clean versions fitted the head)",
-        "fallback_reason": reason,
+        "eval_source": "bundled test images", "fallback_reason": reason,
     }  # fmt: skip
 
 
@@ -136,14 +152,25 @@ def _mse(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _runtime(
-    head, workdir: Path | None, anchor: float, *, budget_mb: float = 16.0, executor: str = "thread"
+    head,
+    workdir: Path | None,
+    anchor: float,
+    *,
+    budget_mb: float = 16.0,
+    executor: str = "thread",
+    solver: str = "fista",
 ) -> RefitRuntime:
     src = HeadStore.create(workdir, head) if workdir is not None else head
     return RefitRuntime(
         src,
         memory_budget_mb=budget_mb,
         buffer=BufferConfig(capacity=N_TRAIN, val_capacity=N_VAL, mode="window"),
-        config=RefitConfig(fista=FistaConfig(tol=1e-3, max_iter=2000), anchor=anchor),
+        config=RefitConfig(
+            fista=FistaConfig(tol=1e-3, max_iter=2000),
+            bcd=BcdConfig(tol=1e-3, max_iter=2000),
+            solver=solver,  # type: ignore[arg-type]
+            anchor=anchor,
+        ),
         executor=executor,  # type: ignore[arg-type]
     )
 
@@ -200,8 +227,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--time-budget", type=float, default=5.0, help="refit time budget (s) for the timed runs"
     )
+    parser.add_argument(
+        "--solver",
+        default="mcu=bcd,phone=fista",
+        help="RefitConfig.solver per head, name=fista|bcd|auto[,...] (bcd: the memory-lean solver)",
+    )
+    parser.add_argument(
+        "--eval-images",
+        type=int,
+        default=3000,
+        help="held-out shifted test images for accuracy (exact test 0..999 first; more are "
+        "JPEG-decoded test images outside the stream); quick: 1000",
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for the teacher passes")
     args = parser.parse_args(argv)
     anchors = {k: float(v) for k, v in (kv.split("=") for kv in args.anchor.split(","))}
+    solvers = {k: v for k, v in (kv.split("=") for kv in args.solver.split(","))}
     repeats = args.repeats or (3 if args.quick else 7)
     lat_calls = 1000 if args.quick else 5000
 
@@ -211,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
     from convexedge.host.head_export import HEAD_PRESETS, fit_head, pooled_features
     from convexedge.models import BUNDLED_DATA_DIR, load_teacher, teacher_normalization
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))  # teacher passes only; refits use numpy, 1 thread
+    torch.set_num_threads(max(1, args.threads))  # teacher passes only; refits use numpy, 1 thread
     t_start = time.perf_counter()
     data_dir = Path(args.data) if args.data else BUNDLED_DATA_DIR
     mean, std = teacher_normalization()
@@ -220,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
         return normalize_images(x, mean, std)
 
     teacher = load_teacher()
-    data = _load_data(args.data, load_images, BUNDLED_DATA_DIR)
+    data = _load_data(args.data, load_images, BUNDLED_DATA_DIR, 1000 if args.quick else args.eval_images)
     train_x, eval_x, eval_y, stream_imgs = data["train"], data["eval_x"], data["eval_y"], data["stream"]
     if args.quick:  # the head fit dominates a quick run on a small machine
         train_x = train_x[:2000]
@@ -265,7 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
             before = _acc(before_logits, eval_y)
             times, iters, res, rt = [], [], None, None
             for _ in range(repeats):
-                rt = _runtime(head, None, anchors[hname])
+                rt = _runtime(head, None, anchors[hname], solver=solvers.get(hname, "fista"))
                 _feed(rt, st_f[g], st_l)
                 res = rt.refit(time_budget_s=args.time_budget)
                 statuses.append(res.status)
@@ -282,7 +323,7 @@ def main(argv: list[str] | None = None) -> dict:
             frac = (after - before) / opened if opened > 0.01 else None
             refit_ms[hname].append(float(np.median(times)))
             # extra memory of one refit (tracemalloc slows allocation, so a separate, untimed run)
-            rt = _runtime(head, None, anchors[hname])
+            rt = _runtime(head, None, anchors[hname], solver=solvers.get(hname, "fista"))
             _feed(rt, st_f[g], st_l)
             tracemalloc.start()
             base = tracemalloc.get_traced_memory()[0]
@@ -296,7 +337,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "gap_opened": opened, "gap_recovered": frac, "refit_ms": float(np.median(times)),
                 "iterations": int(np.median(iters)), "status": res.status, "kkt": res.kkt_residual,
                 "val_loss_before": res.val_loss_before, "val_loss_after": res.val_loss_after,
-                "extra_memory_kb": peak / 1024,
+                "extra_memory_kb": peak / 1024, "solver": res.solver, "eval_images": n_eval,
+                "gap_opened_images": round(opened * n_eval),
             })  # fmt: skip
             print(f"{hname:5s} {sname:15s} {res.status:8s} {before:.3f} -> {after:.3f} "
                   f"(teacher {teacher_shift:.3f}) "
@@ -312,7 +354,10 @@ def main(argv: list[str] | None = None) -> dict:
         lat[hname] = {"batch": CHUNK, "calls": lat_calls}
         for executor in ("process", "thread"):
             with tempfile.TemporaryDirectory() as tmp:
-                rt = _runtime(head, Path(tmp) / "heads", anchors[hname], executor=executor)
+                rt = _runtime(
+                    head, Path(tmp) / "heads", anchors[hname], executor=executor,
+                    solver=solvers.get(hname, "fista"),
+                )  # fmt: skip
                 _feed(rt, st_f[g], st_l)
                 if executor == "process":  # let the worker's interpreter finish booting
                     rt.refit(time_budget_s=args.time_budget)
@@ -335,7 +380,7 @@ def main(argv: list[str] | None = None) -> dict:
     poison = {}
     for hname, head in heads.items():
         g = HEAD_PRESETS[hname].grid
-        rt = _runtime(head, None, anchors[hname])
+        rt = _runtime(head, None, anchors[hname], solver=solvers.get(hname, "fista"))
         garbage = np.random.default_rng(2).normal(0, st_l.std(), st_l.shape).astype(np.float32)
         _feed(rt, st_f[g], garbage)
         poison[hname] = rt.refit(time_budget_s=args.time_budget).status
@@ -355,6 +400,9 @@ def main(argv: list[str] | None = None) -> dict:
         "worse_commits": worse_commits,
         "accuracy_worse_commits": acc_worse_commits,
         "poisoned_refits_rejected": all(v == "rejected" for v in poison.values()),
+        "mcu_solver": solvers.get("mcu", "fista"),
+        "phone_solver": solvers.get("phone", "fista"),
+        "eval_images": n_eval,
     }
     targets = {
         "mcu_refit_ms": ("<=", 100), "phone_refit_ms": ("<=", 1000), "extra_memory_mb_max": ("<=", 4),
@@ -396,6 +444,9 @@ def main(argv: list[str] | None = None) -> dict:
             "time_budget_s": args.time_budget,
             "tol": 1e-3,
             "stream_source": stream_src,
+            "eval_source": data["eval_source"],
+            "solvers": solvers,
+            "torch_threads": args.threads,
             "eval_images": n_eval,
             "skipped_shifts": skipped,
             "data": str(data_dir),
@@ -411,7 +462,10 @@ def main(argv: list[str] | None = None) -> dict:
             "refit_ms": (
                 "median wall time of RefitRuntime.refit (snapshot, solve, validation, swap), in memory"
             ),
-            "extra_memory": "tracemalloc peak of one refit above the memory in use before it",
+            "extra_memory": (
+                "tracemalloc peak of one refit (snapshot, masks, solve, candidate head, validation) above "
+                "the memory in use before it (the buffer and the serving head are allocated before)"
+            ),
             "worse_commits": "accepted refits whose held-out shifted loss vs the teacher's logits got worse",
             "accuracy_worse_commits": "accepted refits whose held-out shifted top-1 got worse",
             "gap_recovered": "(after - before) / ((teacher_shift - before) - (teacher_clean - head_clean))",

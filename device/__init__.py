@@ -4,11 +4,13 @@ Contract: importing this package never imports torch, tensorflow or onnxruntime 
 a subprocess with those modules blocked). An app opens a :class:`HeadStore` (versioned, checksummed,
 optionally ed25519-signed heads with atomic commit, rollback and confirm), serves it through a
 :class:`RefitRuntime` (lock-free ``predict``, bounded ``observe`` buffer, background ``refit`` with
-the host's FISTA in numpy, committed only when it improves a held-out part of the stream). The
-error types shared by every part of convexedge live here too (:mod:`convexedge.device.errors`).
+the host's FISTA in numpy, or a memory-lean block coordinate solver, committed only when it
+improves a held-out part of the stream). The error types shared by every part of convexedge live
+here too (:mod:`convexedge.device.errors`).
 """
 
 from convexedge.device.artifact import FORMAT_VERSION, generate_signing_key, read_head, write_head
+from convexedge.device.bcd import BcdConfig
 from convexedge.device.buffer import BufferConfig
 from convexedge.device.errors import (
     ArtifactError,
@@ -27,6 +29,7 @@ from convexedge.device.store import HeadStore
 __all__ = [
     "FORMAT_VERSION",
     "ArtifactError",
+    "BcdConfig",
     "BufferConfig",
     "ConvergenceWarning",
     "ConvexEdgeError",

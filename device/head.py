@@ -112,7 +112,8 @@ class ConvexHead:
             raise DataError(
                 f"V must have shape (P, d, c) = ({spec.P}, {spec.d}, c) to match the gate spec, got {V.shape}"
             )
-        if not np.issubdtype(V.dtype, np.floating) or not np.isfinite(V).all():
+        # gate by gate, so the check allocates one (d, c) temporary, not a V-sized one (device memory)
+        if not np.issubdtype(V.dtype, np.floating) or not all(np.isfinite(Vp).all() for Vp in V):
             raise DataError(f"V must hold finite floats, got dtype {V.dtype} with NaN/Inf or non-floats")
         if self.gates is None:
             if spec.kind != "gaussian":
@@ -143,10 +144,12 @@ class ConvexHead:
         put(self, "lam", float(self.lam))
         put(self, "info", dict(self.info))
         # Serving kernel: only the gates whose V_i is non-zero (pruned gates cost nothing).
-        active = np.flatnonzero(np.abs(self.V).reshape(spec.P, -1).max(axis=1) > 0)
+        # No V-sized temporaries (a refit builds heads on a device with ~100 KB to spare): the
+        # active test runs gate by gate, and with every gate active V is used as is (no copy).
+        active = np.array([p for p in range(spec.P) if self.V[p].any()], dtype=np.intp)
         if active.size == 0:
             active = np.array([0])
-        Va = self.V[active]  # (Pa, d, c)
+        Va = self.V if active.size == spec.P else self.V[active]  # (Pa, d, c)
         put(self, "_active", active)
         put(self, "_W", np.ascontiguousarray(Va[:, :-1, :].transpose(1, 0, 2).reshape(d_in, -1)))
         put(self, "_b", np.ascontiguousarray(Va[:, -1, :].reshape(-1)))

@@ -7,9 +7,11 @@
     result = job.result()                         # accepted | rejected | cancelled | out_of_budget | failed
 
 A refit snapshots the buffer (in place, no copy), runs the numpy FISTA of
-:mod:`convexedge.device.fista` warm-started from the serving head, one iteration at a time, checking a
-cancel flag and the deadline between iterations, then judges the candidate on the held-out part of
-the stream: it is committed only if its validation loss is lower than the serving head's by
+:mod:`convexedge.device.fista` (or, with ``RefitConfig(solver="bcd")``, the memory-lean block
+coordinate solver of :mod:`convexedge.device.bcd`) warm-started from the serving head, one iteration
+(or one gate) at a time, checking a cancel flag and the deadline in between, then judges the
+candidate on the held-out part of the stream (in row chunks, so validation allocates no full
+prediction arrays): it is committed only if its validation loss is lower than the serving head's by
 ``min_improvement`` (relative) *and* it explains the held-out targets with ``R^2 >= min_val_r2``
 (garbage or poisoned targets that no head can predict fail this). Committing writes the head through
 the :class:`~convexedge.device.store.HeadStore` (atomic) and then swaps one reference, so
@@ -29,6 +31,7 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
+from convexedge.device.bcd import BcdConfig
 from convexedge.device.buffer import BufferConfig, StreamBuffer
 from convexedge.device.errors import ConvergenceWarning, DataError, RefitBusyError
 from convexedge.device.fista import FistaConfig
@@ -41,7 +44,9 @@ __all__ = ["RefitConfig", "RefitJob", "RefitProgress", "RefitResult", "RefitRunt
 logger = logging.getLogger(__name__)
 
 Status = Literal["accepted", "rejected", "cancelled", "out_of_budget", "failed"]
+Solver = Literal["fista", "bcd", "auto"]
 _MB = 2**20
+_VAL_CHUNK = 32  # rows per chunk when validating and computing masks (bounds their temporaries)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,6 +56,12 @@ class RefitConfig:
     # Regularisation strength; None: the serving head's own lam.
     lam: float | None = None
     fista: FistaConfig = field(default_factory=FistaConfig)
+    # "fista": accelerated, fewer passes, working set ~12 V + 8 (n, c) images; "bcd": block coordinate
+    # descent over gates (convexedge.device.bcd), working set ~2 V + one (n, c) residual; "auto": bcd
+    # when the buffer keeps rows and FISTA's workspace estimate exceeds auto_workspace_kb, else fista.
+    solver: Solver = "fista"
+    bcd: BcdConfig = field(default_factory=BcdConfig)
+    auto_workspace_kb: float = 256.0
     # Proximal pull toward the serving head: the refit adds anchor/2 ||V - V_serving||^2 to the
     # objective (0: none). It keeps what the head learned where the small stream says little.
     anchor: float = 0.0
@@ -70,6 +81,16 @@ class RefitConfig:
             raise ValueError(f"anchor must be a finite number >= 0, got {self.anchor!r}")
         if not isinstance(self.fista, FistaConfig):
             raise ValueError(f"fista must be a FistaConfig, got {type(self.fista).__name__}")
+        if not isinstance(self.bcd, BcdConfig):
+            raise ValueError(f"bcd must be a BcdConfig, got {type(self.bcd).__name__}")
+        if self.solver not in ("fista", "bcd", "auto"):
+            raise ValueError(f"solver must be 'fista', 'bcd' or 'auto', got {self.solver!r}")
+        if not (
+            isinstance(self.auto_workspace_kb, (int, float))
+            and math.isfinite(self.auto_workspace_kb)
+            and self.auto_workspace_kb > 0
+        ):
+            raise ValueError(f"auto_workspace_kb must be a finite number > 0, got {self.auto_workspace_kb!r}")
         for name in ("min_train", "min_val"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -103,8 +124,9 @@ class RefitResult:
             and of the candidate.
         val_r2_after: ``1 - SSE / SST`` of the candidate on the held-out part.
         n_train, n_val: samples used.
-        seconds: wall time of the whole refit (snapshot to commit); solve_seconds: the FISTA part.
+        seconds: wall time of the whole refit (snapshot to commit); solve_seconds: the solver part.
         slot: the store slot written when accepted.
+        solver: ``"fista"`` or ``"bcd"`` (``iterations`` counts epochs for bcd).
     """
 
     status: Status
@@ -121,6 +143,7 @@ class RefitResult:
     solve_seconds: float = 0.0
     slot: str | None = None
     lam: float = float("nan")
+    solver: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -180,8 +203,36 @@ class _MemoryStore:
 
 
 def _val_loss(head: ConvexHead, Z: np.ndarray, Y: np.ndarray) -> float:
-    r = (head.predict_normalized(Z) - Y).ravel().astype(np.float64)
-    return float(r @ r) / (2.0 * Z.shape[0])
+    """``1/(2n) ||f(Z) - Y||^2`` in row chunks (no (n, P*c) or (n, c) temporaries)."""
+    n, tot = Z.shape[0], 0.0
+    for s in range(0, n, _VAL_CHUNK):
+        r = head.predict_normalized(Z[s : s + _VAL_CHUNK])
+        r -= Y[s : s + _VAL_CHUNK]
+        tot += float(np.dot(r.ravel(), r.ravel()))
+    return tot / (2.0 * n)
+
+
+def _val_sst(Y: np.ndarray) -> float:
+    """``1/(2n) ||Y - mean(Y)||^2`` in row chunks."""
+    n = Y.shape[0]
+    mean = Y.mean(axis=0, dtype=np.float64).astype(np.float32)
+    tot = 0.0
+    for s in range(0, n, _VAL_CHUNK):
+        r = Y[s : s + _VAL_CHUNK] - mean
+        tot += float(np.dot(r.ravel(), r.ravel()))
+    return tot / (2.0 * n)
+
+
+def _chunked_masks(head: ConvexHead) -> Callable[[np.ndarray], np.ndarray]:
+    """``head.masks`` computed in row chunks into one (n, P) bool array (no (n, P) float temporaries)."""
+
+    def masks(Z: np.ndarray) -> np.ndarray:
+        out = np.empty((Z.shape[0], head.P), bool)
+        for s in range(0, Z.shape[0], _VAL_CHUNK):
+            out[s : s + _VAL_CHUNK] = head.masks(Z[s : s + _VAL_CHUNK])
+        return out
+
+    return masks
 
 
 class RefitRuntime:
@@ -232,6 +283,11 @@ class RefitRuntime:
         self.memory_budget_bytes = int(memory_budget_mb * _MB)
         head = self._store.head
         self._d_in, self._c, self._P = head.d_in, head.c, head.P
+        if config.solver == "bcd" and buffer.mode == "gram":
+            raise ValueError(
+                "solver='bcd' needs the stream's rows, but buffer mode 'gram' keeps only statistics; "
+                "use mode='reservoir' or 'window', or solver='fista' / 'auto'"
+            )
         if buffer.mode != "gram" and buffer.capacity is None:
             buffer = self._fit_capacity(head, buffer)
         need = StreamBuffer.estimate_bytes(head.d_in, head.c, head.P, buffer, buffer.capacity or 0)
@@ -262,17 +318,38 @@ class RefitRuntime:
         self.close()
 
     # ------------------------------------------------------------------ memory
-    def _workspace_bytes(self, head: ConvexHead, buffer: BufferConfig, n: int | None = None) -> int:
-        """Upper estimate of a refit's working memory: FISTA state, images, chunk work, masks, candidate."""
+    def _solver_for(self, head: ConvexHead, buffer: BufferConfig, n: int | None = None) -> str:
+        """The solver a refit uses: the configured one, or the resolution of ``"auto"``."""
+        if self.config.solver != "auto":
+            return self.config.solver
+        if buffer.mode == "gram":
+            return "fista"
+        fista_kb = self._workspace_bytes(head, buffer, n, solver="fista") / 1024
+        return "bcd" if fista_kb > self.config.auto_workspace_kb else "fista"
+
+    def _workspace_bytes(
+        self, head: ConvexHead, buffer: BufferConfig, n: int | None = None, solver: str | None = None
+    ) -> int:
+        """Upper estimate of a refit's working memory: solver state, images, chunk work, masks."""
         P, d, c = head.P, head.d, head.c
         v = 4 * P * d * c
         if buffer.mode == "gram":
             return 12 * v
         n = buffer.capacity if n is None else n
-        chunk = min(self.config.fista.row_chunk, max(1, n or 1))
+        n = n or 0
+        solver = self._solver_for(head, buffer, n) if solver is None else solver
+        val = 3 * 4 * _VAL_CHUNK * P * c  # chunked validation
+        if solver == "bcd":
+            b = self.config.bcd
+            chunk = min(b.row_chunk, max(1, n))
+            # the iterate (a copy of V), the residual (n, c), the masks, the block metric, two row
+            # chunks, a few (d, c) block temporaries; the candidate head is counted under "heads",
+            # its construction copies V once more
+            return 3 * v + 4 * n * c + n * P + 4 * d * P * max(b.rank, 1) + 8 * chunk * c + 32 * d * c + val
+        chunk = min(self.config.fista.row_chunk, max(1, n))
         # measured (tracemalloc) on the mcu and phone heads: ~10 V-sized arrays, ~6 (n, c) images,
         # the float32 masks, one chunk workspace; 12 V leaves headroom
-        return 12 * v + 8 * 4 * (n or 0) * c + 5 * (n or 0) * P + 2 * 4 * chunk * P * c
+        return 12 * v + 8 * 4 * n * c + 5 * n * P + 2 * 4 * chunk * P * c
 
     def _fit_capacity(self, head: ConvexHead, buffer: BufferConfig) -> BufferConfig:
         lo, hi = 0, 1 << 24
@@ -290,13 +367,17 @@ class RefitRuntime:
         return BufferConfig(**{**asdict(buffer), "capacity": lo})
 
     def memory_bytes(self) -> dict[str, int]:
-        """Memory the runtime holds or may use: buffer (allocated), refit workspace (estimate), heads."""
+        """Memory the runtime holds or may use: buffer (allocated), refit workspace (estimate), heads.
+
+        ``solver`` (a string in the dict) names the solver a refit would use now.
+        """
         head = self.head
         buf = self.buffer.nbytes()
         work = self._workspace_bytes(head, self.buffer.config)
         heads = 2 * head.nbytes()  # serving head + a candidate during a refit
         return {"buffer": buf, "refit_workspace": work, "heads": heads, "total": buf + work + heads,
-                "budget": self.memory_budget_bytes}  # fmt: skip
+                "budget": self.memory_budget_bytes,
+                "solver": self._solver_for(head, self.buffer.config)}  # type: ignore[dict-item]  # fmt: skip
 
     # ------------------------------------------------------------------ serving
     @property
@@ -349,9 +430,11 @@ class RefitRuntime:
         finally:
             self._busy.release()
         if res.status in ("accepted", "rejected") and res.iterations and not res.converged:
+            tol = self.config.bcd.tol if res.solver == "bcd" else self.config.fista.tol
             warnings.warn(
-                f"refit stopped before tol={self.config.fista.tol:g} (KKT {res.kkt_residual:.2g} after "
-                f"{res.iterations} iterations); raise time_budget_s or fista.max_iter",
+                f"refit stopped before tol={tol:g} (KKT {res.kkt_residual:.2g} after {res.iterations} "
+                f"{'epochs' if res.solver == 'bcd' else 'iterations'}); raise time_budget_s or "
+                f"{res.solver}.max_iter",
                 ConvergenceWarning,
                 stacklevel=2,
             )
@@ -417,7 +500,8 @@ class RefitRuntime:
             return RefitResult(
                 "rejected", "the serving head's normalisation or gates changed; buffer cleared"
             )
-        snap = self.buffer.freeze(head.masks)
+        solver = self._solver_for(head, self.buffer.config)
+        snap = self.buffer.freeze(_chunked_masks(head))
         try:
             n_val = snap.val_Z.shape[0]
             if snap.train is None or snap.n_train < cfg.min_train or n_val < cfg.min_val:
@@ -428,9 +512,11 @@ class RefitRuntime:
                     n_train=snap.n_train, n_val=n_val, seconds=time.perf_counter() - t0,
                 )  # fmt: skip
             lam = head.lam if cfg.lam is None else float(cfg.lam)
-            fcfg = cfg.fista
-            if fcfg.step_init is None and self._last_step is not None:
-                fcfg = FistaConfig(**{**asdict(fcfg), "step_init": self._last_step})
+            fcfg: FistaConfig | BcdConfig = cfg.fista
+            if solver == "bcd":
+                fcfg = cfg.bcd
+            elif cfg.fista.step_init is None and self._last_step is not None:
+                fcfg = FistaConfig(**{**asdict(cfg.fista), "step_init": self._last_step})
             deadline = t0 + time_budget_s
             on_iter = None
             if on_progress is not None:
@@ -454,6 +540,7 @@ class RefitRuntime:
             common = {
                 "iterations": out.iterations, "converged": converged, "kkt_residual": kkt,
                 "n_train": snap.n_train, "n_val": n_val, "solve_seconds": out.seconds, "lam": lam,
+                "solver": solver,
             }  # fmt: skip
             if cancelled and not converged:
                 return RefitResult(
@@ -465,22 +552,24 @@ class RefitRuntime:
                     f"time budget {time_budget_s:g} s ran out before one iteration; raise time_budget_s",
                     seconds=time.perf_counter() - t0, **common,
                 )  # fmt: skip
-            self._last_step = out.step
+            if solver == "fista":
+                self._last_step = out.step
             x = out.x
-            del out  # release the solver's memory before the candidate head is built
-            if not np.isfinite(x).all():
+            del out  # release the solver's memory (residual, images) before the candidate is built
+            val_Z, val_Y, n_train = snap.val_Z, snap.val_Y, snap.n_train
+            del snap  # and the training masks
+            if not all(np.isfinite(x[i]).all() for i in range(x.shape[0])):
                 return RefitResult(
                     "failed", "the solve produced NaN/Inf", seconds=time.perf_counter() - t0, **common
                 )
             cand = head.replace_weights(
                 x,
-                info={**head.info, "refit": {"samples": snap.n_train, "iterations": common["iterations"],
+                info={**head.info, "refit": {"samples": n_train, "iterations": common["iterations"],
                                              "lam": lam, "kkt": kkt, "time": time.time()}},
             )  # fmt: skip
-            before = _val_loss(head, snap.val_Z, snap.val_Y)
-            after = _val_loss(cand, snap.val_Z, snap.val_Y)
-            yc = snap.val_Y.astype(np.float64) - snap.val_Y.mean(axis=0, dtype=np.float64)
-            sst = float(np.sum(yc * yc)) / (2.0 * n_val)
+            before = _val_loss(head, val_Z, val_Y)
+            after = _val_loss(cand, val_Z, val_Y)
+            sst = _val_sst(val_Y)
             r2 = 1.0 - after / sst if sst > 0 else float("-inf")
             common.update(val_loss_before=before, val_loss_after=after, val_r2_after=r2)
             if not after < before * (1.0 - cfg.min_improvement):

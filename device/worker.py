@@ -63,6 +63,13 @@ def solve(
     is a :func:`time.perf_counter` value; ``on_iter(iteration, objective, kkt)`` runs after every
     iteration (an exception there ends the solve and propagates).
     """
+    if not isinstance(config, FistaConfig):  # a BcdConfig: the block coordinate solver (rows only)
+        from convexedge.device.bcd import bcd_solve
+
+        return bcd_solve(
+            train, V0, lam, config, group, anchor_mu=anchor_mu,  # type: ignore[arg-type]
+            should_stop=should_stop, deadline=deadline, on_iter=on_iter,
+        )  # fmt: skip
     ts = time.perf_counter()
     op = make_operator(train, config, anchor=V0, mu=anchor_mu)
     state = fista_init(op, lam, config, V0, group)  # type: ignore[arg-type]
