@@ -141,11 +141,14 @@ def _reduced_grad(K0, B, X, lam, d):
     return K0 @ X - B + lam * (Xg / r[:, None, None]).reshape(X.shape)
 
 
-def _newton_block(K0, B, X, lam, d, damping, steps, gtol) -> tuple[torch.Tensor, bool]:
+def _newton_block(K0, B, X, lam, d, damping, steps, gtol, deadline=None) -> tuple[torch.Tensor, bool]:
     """Up to ``steps`` damped Newton steps on one block system, stopping once the reduced gradient's
-    norm is ``<= gtol``; returns (X, whether a group was set to zero)."""
+    norm is ``<= gtol`` or at ``deadline`` (``time.perf_counter()`` value); returns (X, whether a
+    group was set to zero)."""
     k = X.shape[0] // d
     for _ in range(steps):
+        if deadline is not None and time.perf_counter() >= deadline:
+            break
         g = _reduced_grad(K0, B, X, lam, d)
         gn = float(torch.linalg.vector_norm(g))
         if gn <= gtol:
@@ -226,6 +229,7 @@ def newton_polish(
     iterations = 0
     kkt = float("inf")
     B_all = problem._adjoint_y() / n
+    deadline = None if cfg.max_seconds is None else start + cfg.max_seconds
     # the Newton blocks stop at a tenth of the target residual (same scale as kkt_residual's)
     gtol = 0.1 * cfg.tol * float(torch.linalg.vector_norm(problem._grad0_group_norms()))
     newton_failed = False
@@ -268,7 +272,7 @@ def newton_polish(
                 K0 = _active_gram(problem, gates) / n
                 X = V[gates].reshape(len(gates) * d, c)
                 Bg = B_all[gates].reshape(-1, c)
-                X, _ = _newton_block(K0, Bg, X, lam, d, cfg.damping, cfg.max_newton, gtol)
+                X, _ = _newton_block(K0, Bg, X, lam, d, cfg.damping, cfg.max_newton, gtol, deadline)
                 V[gates] = X.view(len(gates), d, c)
         else:  # separable over output columns: one block system per column, gates from the union
             norms = group_norms(V, "gate_output")  # (P, c)
@@ -283,7 +287,7 @@ def newton_polish(
                 K0 = K_union[idx][:, idx]
                 X = V[gates, :, j].reshape(-1, 1)
                 Bj = B_all[gates, :, j].reshape(-1, 1)
-                X, _ = _newton_block(K0, Bj, X, lam, d, cfg.damping, cfg.max_newton, gtol)
+                X, _ = _newton_block(K0, Bj, X, lam, d, cfg.damping, cfg.max_newton, gtol, deadline)
                 V[gates, :, j] = X.view(len(gates), d)
         iterations += 1
         kkt = kkt_residual(problem, V, lam)
