@@ -26,6 +26,13 @@ Group = Literal["gate", "gate_output"]
 
 
 def _frozen(a: np.ndarray) -> np.ndarray:
+    # A read-only float32 C array that owns its memory cannot change behind the head's back: take
+    # it as is (the refit hands its solution over this way; a copy is 41 KB on an mcu head).
+    if (
+        isinstance(a, np.ndarray) and a.dtype == np.float32 and a.flags.c_contiguous
+        and a.flags.owndata and not a.flags.writeable
+    ):  # fmt: skip
+        return a
     out = np.array(a, dtype=np.float32, order="C", copy=True)
     out.flags.writeable = False
     return out

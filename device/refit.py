@@ -562,6 +562,8 @@ class RefitRuntime:
                 return RefitResult(
                     "failed", "the solve produced NaN/Inf", seconds=time.perf_counter() - t0, **common
                 )
+            x = np.ascontiguousarray(x, dtype=np.float32)
+            x.flags.writeable = False  # handed over to the candidate head, which then needs no copy
             cand = head.replace_weights(
                 x,
                 info={**head.info, "refit": {"samples": n_train, "iterations": common["iterations"],

@@ -135,3 +135,18 @@ def test_gate_spec_errors(kwargs, match):
 def test_sample_gates_refuses_array_specs():
     with pytest.raises(ValueError, match="only Gaussian gates"):
         sample_gates(GateSpec(d=5, P=2, kind="array"))
+
+
+def test_replace_weights_adopts_a_read_only_array_and_copies_a_writable_one():
+    head = _head()
+    V = np.ascontiguousarray(np.asarray(head.V) * 2, dtype=np.float32)
+    writable = head.replace_weights(V)
+    assert writable.V is not V and not np.shares_memory(writable.V, V)
+    V[...] = 0  # the caller's later writes never reach the head
+    assert np.asarray(writable.V).any()
+    handed = np.ascontiguousarray(np.asarray(head.V) * 3, dtype=np.float32)
+    handed.flags.writeable = False
+    adopted = head.replace_weights(handed)
+    assert adopted.V is handed  # no 41 KB copy on a device
+    x = np.ones((2, head.d_in), np.float32)
+    np.testing.assert_allclose(adopted.predict(x), 3 * head.predict(x), rtol=1e-5, atol=1e-6)
