@@ -205,7 +205,8 @@ def run_problem(
     k = out.active_after
     for refit in (False, True):
         mp = magnitude_prune(prob, res, k, refit=refit, config=FistaConfig(
-            tol=1e-8, max_iter=20000, max_seconds=max_seconds, gram_max_bytes=GRAM_MAX_BYTES))  # fmt: skip
+            tol=1e-8, max_iter=20000, max_seconds=FISTA_SHARE * max_seconds,
+            gram_max_bytes=GRAM_MAX_BYTES))  # fmt: skip
         key = "magnitude_refit" if refit else "magnitude"
         row[f"{key}_rel_objective_change"] = mp.rel_objective_change
         row[f"{key}_r2"] = _r2(prob, mp.V)
@@ -281,6 +282,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--scnn-timeout", type=float, default=None, help="seconds per pyscnn run (30 quick, 1800 full)"
     )
+    parser.add_argument(
+        "--max-seconds", type=float, default=None, help="solve cap per row (10 quick, 600 full)"
+    )
     args = parser.parse_args(argv)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     bad = sorted(set(parts) - set(PARTS))
@@ -290,7 +294,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     q = args.quick
     tol = 1e-9 if q else 1e-10
-    cap = 10.0 if q else 600.0
+    cap = args.max_seconds if args.max_seconds is not None else (10.0 if q else 600.0)
     scnn_timeout = args.scnn_timeout if args.scnn_timeout is not None else (30 if q else 1800)
     old: dict = {}
     out_path = RESULTS / "optimal_sets.json"
@@ -324,7 +328,7 @@ def main(argv: list[str] | None = None) -> dict:
             patch_error = f"{type(exc).__name__}: {exc}"
         print(f"data ready ({time.perf_counter() - t0:.0f} s)", flush=True)
     lam_ratio = 0.01
-    rows = [r for r in old.get("rows", []) if r.get("part") not in parts]
+    rows = []
     for part, name, Z, Y, G in problems:
         if part not in parts:
             continue
@@ -346,14 +350,14 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"  {name} [{group}]: {row['row_seconds']:.0f} s", flush=True)
     if patch_error:
         rows.append({"problem": "patches", "part": "patches", "group": "-", "error": patch_error})
-    relu_row = old.get("relu", {})
+    relu_row = {}
     if "relu" in parts:  # exact ReLU form on a tiny problem
         Zr, Yr, Gr = synthetic(20, 3, 1, 16, hidden=8, seed=1)
         try:
             relu_row = run_relu(Zr, Yr, Gr, 0.05, args.scnn_python)
         except Exception as exc:  # noqa: BLE001
             relu_row = {"problem": "relu-tiny", "error": f"{type(exc).__name__}: {exc}"}
-    path_info = old.get("path", {})
+    path_info = {}
     if "path" in parts:  # path PNG on the synthetic problem
         _, name, Z, Y, G = problems[0]
         pprob = GatedProblem.from_arrays(Z, Y, Z @ G >= 0, dtype="float64")
@@ -372,6 +376,11 @@ def main(argv: list[str] | None = None) -> dict:
             "png": str(png),
             "seconds": time.perf_counter() - t1,
         }  # fmt: skip
+    if args.merge and out_path.exists():  # re-read now: another part may have finished meanwhile
+        old = json.loads(out_path.read_text())
+    rows = [r for r in old.get("rows", []) if r.get("part") not in parts] + rows
+    relu_row = relu_row if "relu" in parts else old.get("relu", {})
+    path_info = path_info if "path" in parts else old.get("path", {})
     summary = _summary(rows, relu_row, path_info)
     print(
         table(
@@ -400,7 +409,9 @@ def main(argv: list[str] | None = None) -> dict:
     print("relu-tiny:", {k: v for k, v in relu_row.items() if not isinstance(v, dict)})
     print("summary:", json.dumps(summary, indent=1))
     runs = [r for r in old.get("runs", []) if set(r.get("parts", [])) - set(parts)]
-    runs.append({"parts": parts, "environment": environment()})
+    runs.append(
+        {"parts": parts, "max_seconds": cap, "scnn_timeout": scnn_timeout, "environment": environment()}
+    )
     payload = {
         "benchmark": "optimal_sets",
         "environment": environment(),
