@@ -1,7 +1,8 @@
 """Convex distillation vs the alternatives (protocol: shared/BENCHMARKS.md section 2).
 
-Teacher: the bundled ResNet-20. A span of its last stages is replaced by a student fitted
-label-free on the teacher's activations of K unlabeled training images per class:
+Teacher: the bundled ResNet-20 (``--model resnet20``) or the CIFAR-stem ResNet-18 trained here
+(``--model resnet18``, ``convexedge.models.train_resnet18``). A span of its last stages is replaced
+by a student fitted label-free on the teacher's activations of K unlabeled training images per class:
 
 * ``convex``: the exact convex gated-ReLU conv student (FISTA on a lam path, selected by held-out
   activation loss);
@@ -11,7 +12,11 @@ label-free on the teacher's activations of K unlabeled training images per class
 * ``bm``: the conv Burer-Monteiro form ``CNN3_1x1(CNN2(z) * 1[CNN1(z) >= 0])`` with CNN1 frozen,
   trained with Adam;
 * ``nonconvex``: conv kxk -> ReLU -> conv 1x1 of the convex student's parameter count, Adam;
-* ``magnitude_pruned``: the teacher span globally magnitude-pruned to that count, fine-tuned.
+* ``magnitude_pruned``: the teacher span globally magnitude-pruned to that count, fine-tuned;
+* ``convex+kd`` (``--kd``, last span only): the model with the convex student swapped in, fine-tuned
+  end to end (every weight) with KD from the teacher (temperature 4) on the same K-per-class
+  unlabeled images. It changes weights outside the span, so it is a separate row and never enters
+  the label-free summary figures.
 
 BM, non-convex and pruned students get the same data and the same wall time as the convex solve
 (the solve's seconds, at least ``--min-budget``). Labels: the K images per class are chosen with the
@@ -20,8 +25,10 @@ images and activations only. Labels are read again only for top-1 on the test se
 JPEG-decoded CIFAR-10 test images (``shared/data/cifar10``) and the exact test images 0..999
 (``models/cifar10``). Parameters count the gates; MACs of the pruned span count surviving weights.
 
-Run: ``python -m benchmarks.distill [--quick] [--spans last,last2] [--samples 10,100,500]``; writes
-``benchmarks/results/distill.json`` and ``distill.png``.
+Run: ``python -m benchmarks.distill [--model resnet20|resnet18] [--quick] [--spans last,last2]
+[--samples 10,100,500] [--kinds ...] [--kd] [--merge]``; writes ``benchmarks/results/distill.json``
+and ``distill.png``. With ``--merge`` the rows of other (model, span, K) cells, and of student
+kinds not re-run in a cell, are kept.
 """
 
 from __future__ import annotations
@@ -48,10 +55,13 @@ from convexedge.host.baselines import (
 from convexedge.host.data import load_images, normalize_images
 from convexedge.host.distill import (
     build_conv_problem,
+    capture_span,
     fit_path,
     infer_geometry,
     make_gates,
     select_by_validation,
+    span_module,
+    swap_span_,
 )
 from convexedge.host.evaluate import count_macs, count_parameters, top1
 from convexedge.host.polish import PolishConfig, polish
@@ -61,44 +71,67 @@ from convexedge.host.students import GatedConvStudent
 from convexedge.models import BUNDLED_DATA_DIR, load_teacher, teacher_normalization
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-SPANS = {"last": ("layer3",), "last2": ("layer2", "layer3")}
-STAGES = ("layer1", "layer2", "layer3")
+KINDS = ("convex", "convex_pruned_polished", "bm", "nonconvex", "magnitude_pruned")
 
 
-# ------------------------------------------------------------------ ResNet-20 prefix / span / head
-@torch.no_grad()
-def _prefix(model: nn.Module, x: torch.Tensor, span: tuple[str, ...]) -> torch.Tensor:
-    """Activations entering ``span`` (the stem and the stages before it)."""
-    h = model.relu(model.bn1(model.conv1(x)))
-    for name in STAGES[: STAGES.index(span[0])]:
-        h = getattr(model, name)(h)
-    return h
+def _load_resnet20(weights: str | None = None):
+    if weights is not None:
+        raise SystemExit("--weights applies to --model resnet18 only")
+    return load_teacher().eval(), teacher_normalization()
 
 
-@torch.no_grad()
-def _head(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    return model.linear(model.pool(h).flatten(1))
+def _load_resnet18(weights: str | None = None):
+    from convexedge.models.resnet18_cifar import RESNET18_WEIGHTS, load_resnet18, resnet18_normalization
+
+    w = Path(weights) if weights else RESNET18_WEIGHTS
+    return load_resnet18(w, w.with_suffix(".json")).eval(), resnet18_normalization(w.with_suffix(".json"))
+
+
+#: per model: loader -> (model, (mean, std)), spans, the head after the last stage, weights file
+MODELS = {
+    "resnet20": {
+        "load": _load_resnet20,
+        "spans": {"last": ("layer3",), "last2": ("layer2", "layer3")},
+        "head": lambda m, h: m.linear(m.pool(h).flatten(1)),
+        "weights": "models/resnet20_cifar10.npz (bundled)",
+    },
+    "resnet18": {
+        "load": _load_resnet18,
+        "spans": {"last": ("layer4",), "last2": ("layer3", "layer4")},
+        "head": lambda m, h: m.fc(m.avgpool(h).flatten(1)),
+        "weights": "~/.cache/convexedge/resnet18_cifar10.npz (trained by convexedge.models.train_resnet18)",
+    },
+}
+SPANS = MODELS["resnet20"]["spans"]
+
+
+# ------------------------------------------------------------------ prefix / span / head of a ResNet
+def _features(model, images, span, transform, batch=250) -> np.ndarray:
+    """Activations entering ``span`` (the forward stops there)."""
+    return capture_span(model, list(span), images, transform=transform, batch_size=batch, outputs=False)[0]
 
 
 def _span_module(model: nn.Module, span: tuple[str, ...]) -> nn.Module:
-    return nn.Sequential(*[getattr(model, s) for s in span]) if len(span) > 1 else getattr(model, span[0])
+    return span_module(model, list(span))
 
 
 @torch.no_grad()
-def _features(model, images, span, transform, batch=500) -> np.ndarray:
-    out = []
-    for s in range(0, images.shape[0], batch):
-        out.append(_prefix(model, torch.from_numpy(transform(images[s : s + batch])), span).numpy())
-    return np.concatenate(out)
-
-
-@torch.no_grad()
-def _top1(model, student: nn.Module, feats: np.ndarray, labels: np.ndarray, batch=500) -> float:
+def _top1(model, student: nn.Module, feats: np.ndarray, labels: np.ndarray, batch=500, head=None) -> float:
     student.eval()
     logits = []
     for s in range(0, feats.shape[0], batch):
-        logits.append(_head(model, student(torch.from_numpy(feats[s : s + batch]))).numpy())
+        logits.append(head(model, student(torch.from_numpy(feats[s : s + batch]))).numpy())
     return top1(np.concatenate(logits), labels)
+
+
+@torch.no_grad()
+def _full_top1(model: nn.Module, images: np.ndarray, labels: np.ndarray, transform, batch=500) -> float:
+    model.eval()
+    out = [
+        model(torch.from_numpy(transform(images[s : s + batch]))).numpy()
+        for s in range(0, len(images), batch)
+    ]
+    return top1(np.concatenate(out), labels)
 
 
 def _per_class(labels: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -142,11 +175,13 @@ def run_cell(args, teacher, span, k, train, tests, transform, base) -> list[dict
             val_mse = float(0.5 * ((pred - torch.from_numpy(val_out)) ** 2).mean())
         macs = module.macs(tuple(in_shape[1:])) if hasattr(module, "macs") else count_macs(module, in_shape)
         row = {
+            "model": args.model,
             "student": student_kind,
             "span": name,
             "samples_per_class": k,
-            "top1": _top1(teacher, module, tests["feats"][span][0], tests["jpeg"].y),
-            "top1_exact1k": _top1(teacher, module, tests["feats"][span][1], tests["exact"].y),
+            "top1": _top1(teacher, module, tests["feats"][span][0], tests["jpeg"].y, head=args.head),
+            "top1_exact1k": _top1(teacher, module, tests["feats"][span][1], tests["exact"].y, head=args.head),
+            "test_images": len(tests["jpeg"]),
             "span_params": sp,
             "span_params_gates_from_seed": span_parameters(module, count_gates=False),
             "model_params": base["model_params"] - base["span_params"][span] + sp,
@@ -184,6 +219,8 @@ def run_cell(args, teacher, span, k, train, tests, transform, base) -> list[dict
         solve_s,
         {"active_gates": chosen.active_gates, "lam_ratio": chosen.lam_ratio, "val_loss": chosen.val_loss},
     )
+    if args.kd and span == args.last_span:
+        _kd_row(args, teacher, span, convex, x, n_val, tests, transform, rows, record_base=rows[-1])
     # every other path point, as points of the convex size/accuracy curve
     for p in points:
         if p is chosen or p.active_gates == 0:
@@ -196,6 +233,16 @@ def run_cell(args, teacher, span, k, train, tests, transform, base) -> list[dict
         )
 
     # (a') optimal-set pruning + polishing
+    if "convex_pruned_polished" in args.kinds:
+        _pruned_polished(args, problem, val_problem, chosen, solve_s, G, geom, record)
+    if not {"bm", "nonconvex", "magnitude_pruned"} & set(args.kinds):
+        return rows
+    _baselines(args, span, span_mod, convex, geom, c_out, solve_s, base, fit_in, fit_out, val_in, val_out,
+               record)  # fmt: skip
+    return rows
+
+
+def _pruned_polished(args, problem, val_problem, chosen, solve_s, G, geom, record) -> None:
     t0 = time.perf_counter()
     pr = prune_to_minimal(problem, chosen.result)
     pol = polish(problem, val_problem, pr.V.float(), PolishConfig())
@@ -215,6 +262,10 @@ def run_cell(args, teacher, span, k, train, tests, transform, base) -> list[dict
         },
     )
 
+
+def _baselines(args, span, span_mod, convex, geom, c_out, solve_s, base, fit_in, fit_out, val_in, val_out,
+               record) -> None:  # fmt: skip
+
     # equal-size baselines, same data and wall time as the convex solve
     target = span_parameters(convex)
     budget = max(args.min_budget, solve_s)
@@ -229,10 +280,10 @@ def run_cell(args, teacher, span, k, train, tests, transform, base) -> list[dict
         "nonconvex": ReluConvStudent(geom, c_out, relu_hidden_for(target, geom, c_out), seed=args.seed),
         "magnitude_pruned": PrunedSpan(span_mod, target),
     }
-    jobs = [(kind, student, True) for kind, student in students.items()]
+    jobs = [(kind, student, True) for kind, student in students.items() if kind in args.kinds]
     # the pruned teacher at milder compressions: where the size/accuracy curve meets the teacher
     span_total = base["span_params"][span]
-    for factor in args.prune_compressions:
+    for factor in args.prune_compressions if "magnitude_pruned" in args.kinds else ():
         jobs.append(("magnitude_pruned", PrunedSpan(span_mod, int(span_total / factor)), False))
     for kind, student, equal in jobs:
         res = train_student(student, fit_in, fit_out, cfg, val=(val_in, val_out))
@@ -241,12 +292,43 @@ def run_cell(args, teacher, span, k, train, tests, transform, base) -> list[dict
             {"status": res.status, "epochs": res.epochs, "val_loss": res.val_loss, "time_budget_s": budget,
              "equal_size": equal},
         )  # fmt: skip
-    return rows
+
+
+def _kd_row(args, teacher, span, convex, x, n_val, tests, transform, rows, record_base) -> None:
+    """``convex+kd``: the swapped model fine-tuned end to end with KD (T=4) on the cell's images."""
+    import copy
+
+    from convexedge.host.kd import KDConfig, kd_finetune
+
+    model = swap_span_(copy.deepcopy(teacher), list(span), copy.deepcopy(convex))
+    cfg = KDConfig(temperature=4.0, epochs=args.kd_epochs, time_budget_s=args.kd_seconds, lr=args.kd_lr,
+                   batch_size=args.kd_batch_size, seed=args.seed)  # fmt: skip
+    res = kd_finetune(model, teacher, x[:-n_val], transform, cfg, val_images=x[-n_val:])
+    row = {
+        **record_base,
+        "student": "convex+kd",
+        "top1": _full_top1(res.model, tests["jpeg"].x, tests["jpeg"].y, transform),
+        "top1_exact1k": _full_top1(res.model, tests["exact"].x, tests["exact"].y, transform),
+        "seconds": record_base["seconds"] + res.seconds,
+        "kd_seconds": res.seconds,
+        "kd": {**cfg.to_dict(), "status": res.status, "epochs": res.epochs, "steps": res.steps,
+               "val_kd_loss_before": res.val_loss_before, "val_kd_loss": res.val_loss},
+        "label_free": False,
+        "note": "end-to-end KD fine-tune of every weight of the swapped model on the same unlabeled images; "
+        "not a label-free activation-matching figure (excluded from the summary)",
+    }  # fmt: skip
+    rows.append(row)
+    print(f"  {'convex+kd':24s} top-1 {100 * row['top1']:.1f}% (exact1k {100 * row['top1_exact1k']:.1f}%) "
+          f"KD {res.seconds:.0f}s, {res.epochs} epochs", flush=True)  # fmt: skip
 
 
 def summarize(rows: list[dict], last: str = "layer3") -> dict:
-    """The issue's summary over ``rows`` (span = last stage for the comparisons)."""
-    teacher = next(r for r in rows if r["student"] == "teacher")
+    """The issue's summary over ``rows`` of one model (span = last stage for the comparisons).
+
+    Label-free figures only: ``convex+kd`` rows (end-to-end KD) are left out.
+    """
+    rows = [r for r in rows if r["student"] != "convex+kd"]
+    teacher = next(r for r in rows if r["student"] == "teacher" and r["span"] == last)
     t = teacher["top1"]
     out: dict = {"teacher_top1": t, "teacher_top1_exact1k": teacher["top1_exact1k"]}
 
@@ -282,23 +364,24 @@ def summarize(rows: list[dict], last: str = "layer3") -> dict:
     return out
 
 
-def _plot(rows: list[dict], teacher_top1: float, path: Path, test_label: str) -> None:
+def _plot(rows: list[dict], path: Path, test_label: str) -> None:
+    """One panel per (model, span): top-1 vs span parameters, one curve per student kind and K."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    spans = sorted({r["span"] for r in rows})
-    fig, axes = plt.subplots(1, len(spans), figsize=(6 * len(spans), 4.2), squeeze=False)
-    for ax, span in zip(axes[0], spans, strict=True):
-        kinds = ("convex", "convex_pruned_polished", "bm", "nonconvex", "magnitude_pruned")
-        ks = sorted({r["samples_per_class"] for r in rows if r["samples_per_class"]})
+    panels = sorted({(r.get("model", "resnet20"), r["span"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
+    for ax, (model, span) in zip(axes[0], panels, strict=True):
+        sel_rows = [r for r in rows if r.get("model", "resnet20") == model and r["span"] == span]
+        kinds = (*KINDS, "convex+kd")
+        ks = sorted({r["samples_per_class"] for r in sel_rows if r["samples_per_class"]})
         for ci, kind in enumerate(kinds):
             pts = sorted(
                 (r["span_params"], 100 * r["top1"], r["samples_per_class"])
-                for r in rows
-                if r["span"] == span
-                and (r["student"] == kind or (kind == "convex" and r["student"] == "convex_path"))
+                for r in sel_rows
+                if r["student"] == kind or (kind == "convex" and r["student"] == "convex_path")
             )
             for k in sorted({p[2] for p in pts}):
                 sel = [p for p in pts if p[2] == k]
@@ -308,11 +391,13 @@ def _plot(rows: list[dict], teacher_top1: float, path: Path, test_label: str) ->
                     [p[0] for p in sel], [p[1] for p in sel], marker=marker, ls=style, color=f"C{ci}",
                     label=f"{kind} K={k}", ms=4,
                 )  # fmt: skip
-        ax.axhline(100 * teacher_top1, color="k", ls="--", lw=1, label="teacher")
+        teacher = [r for r in sel_rows if r["student"] == "teacher"]
+        if teacher:
+            ax.axhline(100 * teacher[0]["top1"], color="k", ls="--", lw=1, label="teacher")
         ax.set_xscale("log")
         ax.set_xlabel("span parameters (gates counted)")
         ax.set_ylabel(f"top-1 % ({test_label})")
-        ax.set_title(f"ResNet-20, span {span}")
+        ax.set_title(f"{model}, span {span}")
         ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -321,12 +406,25 @@ def _plot(rows: list[dict], teacher_top1: float, path: Path, test_label: str) ->
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", choices=sorted(MODELS), default="resnet20", help="teacher")
+    ap.add_argument(
+        "--weights",
+        default=None,
+        help="resnet18 weights .npz (default ~/.cache/convexedge/resnet18_cifar10.npz)",
+    )
     ap.add_argument("--quick", action="store_true", help="1 span, K=10, 1,000 test images (minutes)")
     ap.add_argument("--spans", default=None, help="comma list of last,last2 (default: last,last2)")
     ap.add_argument("--samples", default=None, help="comma list of images per class (default 10,100,500)")
+    ap.add_argument("--kinds", default=",".join(KINDS), help=f"students to run (convex always runs): {KINDS}")
+    ap.add_argument("--kd", action="store_true", help="add the convex+kd row (last span)")
+    ap.add_argument("--kd-epochs", type=int, default=30, help="KD epochs (upper bound)")
+    ap.add_argument("--kd-seconds", type=float, default=120.0, help="KD time budget per cell")
+    ap.add_argument("--kd-lr", type=float, default=3e-4)
+    ap.add_argument("--kd-batch-size", type=int, default=32)
     ap.add_argument("--train-data", default=str(SHARED / "cifar10"), help="train_*.npz pool (with labels)")
     ap.add_argument("--test-data", default=str(SHARED / "cifar10"), help="test_*.npz shards (10k JPEG)")
     ap.add_argument("--test-images", type=int, default=None, help="limit of JPEG test images")
+    ap.add_argument("--exact-images", type=int, default=None, help="limit of the exact test images (1,000)")
     ap.add_argument("--gates", type=int, default=8)
     ap.add_argument("--kernel-size", type=int, default=3)
     ap.add_argument("--lam-ratios", default="0.1,0.03,0.01,0.003,0.001")
@@ -340,7 +438,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument(
         "--prune-compressions", default="1.5,2,3", help="extra magnitude-pruned sizes (span compression)"
     )
-    ap.add_argument("--merge", action="store_true", help="keep rows of other (span, K) cells in the JSON")
+    ap.add_argument("--merge", action="store_true", help="keep rows of other cells/kinds in the JSON")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-progress", action="store_true")
@@ -348,10 +446,16 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    spec = MODELS[args.model]
     spans = [s for s in (args.spans or ("last" if args.quick else "last,last2")).split(",") if s]
     for s in spans:
-        if s not in SPANS:
-            raise SystemExit(f"unknown span {s!r}; choose from {sorted(SPANS)}")
+        if s not in spec["spans"]:
+            raise SystemExit(f"unknown span {s!r}; choose from {sorted(spec['spans'])}")
+    kinds = tuple(k for k in args.kinds.split(",") if k)
+    for k in kinds:
+        if k not in KINDS:
+            raise SystemExit(f"unknown student kind {k!r}; choose from {KINDS}")
+    args.kinds = kinds
     samples = [int(s) for s in (args.samples or ("10" if args.quick else "10,100,500")).split(",")]
     if args.quick:
         args.gates = min(args.gates, 4)
@@ -362,87 +466,110 @@ def main(argv: list[str] | None = None) -> dict:
     args.out = args.out or ("distill_quick" if args.quick else "distill")
     args.lam_ratios = tuple(float(r) for r in args.lam_ratios.split(","))
     args.prune_compressions = tuple(float(f) for f in args.prune_compressions.split(",") if f)
+    span_of = {s: spec["spans"][s] for s in spans}
+    args.last_span = spec["spans"]["last"]
 
-    mean, std = teacher_normalization()
+    teacher, (mean, std) = spec["load"](args.weights)
+    head = spec["head"]
 
     def transform(x: np.ndarray) -> np.ndarray:
         return normalize_images(x, mean, std)
 
-    teacher = load_teacher().eval()
     train = load_images(args.train_data, "train")  # labels used only to draw K images per class
     jpeg = load_images(args.test_data, "test", limit=args.test_images)
-    exact = load_images(BUNDLED_DATA_DIR, "test")
+    exact = load_images(BUNDLED_DATA_DIR, "test", limit=args.exact_images)
     t0 = time.perf_counter()
     tests = {"jpeg": jpeg, "exact": exact, "feats": {}}
-    for s in spans:
-        tests["feats"][SPANS[s]] = (_features(teacher, jpeg.x, SPANS[s], transform),
-                                    _features(teacher, exact.x, SPANS[s], transform))  # fmt: skip
+    for sp in span_of.values():
+        tests["feats"][sp] = (
+            _features(teacher, jpeg.x, sp, transform),
+            _features(teacher, exact.x, sp, transform),
+        )
     base = {
         "model_params": count_parameters(teacher),
         "model_macs": count_macs(teacher, (3, 32, 32)),
-        "span_params": {SPANS[s]: count_parameters(_span_module(teacher, SPANS[s])) for s in spans},
+        "span_params": {sp: count_parameters(_span_module(teacher, sp)) for sp in span_of.values()},
         "span_macs": {},
     }
-    for s in spans:
-        sp = SPANS[s]
-        feats = tests["feats"][sp][0]
-        base["span_macs"][sp] = count_macs(_span_module(teacher, sp), tuple(feats.shape[1:]))
+    for sp in span_of.values():
+        base["span_macs"][sp] = count_macs(_span_module(teacher, sp), tuple(tests["feats"][sp][0].shape[1:]))
+    args_json = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k != "head"}
+    args.head = head
     rows = []
-    teacher_rows = {}
-    for s in spans:
-        sp = SPANS[s]
+    for sp in span_of.values():
         span_mod = _span_module(teacher, sp).eval()
-        t_jpeg = _top1(teacher, span_mod, tests["feats"][sp][0], jpeg.y)
-        t_exact = _top1(teacher, span_mod, tests["feats"][sp][1], exact.y)
-        teacher_rows[s] = (t_jpeg, t_exact)
-    t_jpeg, t_exact = next(iter(teacher_rows.values()))
-    print(
-        f"teacher ResNet-20: top-1 {100 * t_jpeg:.2f}% on {len(jpeg)} JPEG test images, "
-        f"{100 * t_exact:.1f}% on the exact 1k ({time.perf_counter() - t0:.0f}s for test features)"
-    )
-    for s in spans:
-        sp = SPANS[s]
+        t_jpeg = _top1(teacher, span_mod, tests["feats"][sp][0], jpeg.y, head=head)
+        t_exact = _top1(teacher, span_mod, tests["feats"][sp][1], exact.y, head=head)
+        print(
+            f"teacher {args.model}: top-1 {100 * t_jpeg:.2f}% on {len(jpeg)} JPEG test images, "
+            f"{100 * t_exact:.1f}% on the exact 1k ({time.perf_counter() - t0:.0f}s for test features)"
+        )
         rows.append({
-            "student": "teacher", "span": "+".join(sp), "samples_per_class": None, "top1": t_jpeg,
-            "top1_exact1k": t_exact, "span_params": base["span_params"][sp],
+            "model": args.model, "student": "teacher", "span": "+".join(sp), "samples_per_class": None,
+            "top1": t_jpeg, "top1_exact1k": t_exact, "test_images": len(jpeg),
+            "span_params": base["span_params"][sp],
             "span_params_gates_from_seed": base["span_params"][sp], "model_params": base["model_params"],
             "span_compression": 1.0, "model_compression": 1.0, "macs": base["model_macs"],
             "span_macs": base["span_macs"][sp], "seconds": 0.0,
         })  # fmt: skip
         for k in samples:
-            print(f"span {'+'.join(sp)}, {k} images per class", flush=True)
+            print(f"{args.model} span {'+'.join(sp)}, {k} images per class", flush=True)
             rows.extend(run_cell(args, teacher, sp, k, train, tests, transform, base))
 
     path = RESULTS / f"{args.out}.json"
+    old_meta = {}
     if args.merge and path.exists():
         import json
 
-        done = {(r["span"], r["samples_per_class"]) for r in rows}
-        old = [
-            r for r in json.loads(path.read_text())["rows"] if (r["span"], r["samples_per_class"]) not in done
-        ]
+        old_payload = json.loads(path.read_text())
+        old_meta = old_payload.get("meta", {})
+        new_kinds: dict[tuple, set] = {}
+        for r in rows:
+            new_kinds.setdefault((r["model"], r["span"], r["samples_per_class"]), set()).add(r["student"])
+        old = []
+        for r in old_payload["rows"]:
+            r.setdefault("model", "resnet20")
+            kinds_here = new_kinds.get((r["model"], r["span"], r["samples_per_class"]), set())
+            if r["student"] not in kinds_here:
+                old.append(r)
         rows = old + rows
-    summary = summarize(rows)
+    models_present = sorted({r.get("model", "resnet20") for r in rows})
+    by_model = {}
+    for m in models_present:
+        m_rows = [r for r in rows if r.get("model", "resnet20") == m]
+        if any(
+            r["student"] == "teacher" and r["span"] == "+".join(MODELS[m]["spans"]["last"]) for r in m_rows
+        ):
+            by_model[m] = summarize(m_rows, "+".join(MODELS[m]["spans"]["last"]))
+    summary = {**by_model.get("resnet20", {}), "by_model": by_model}
+    runs = list(old_meta.get("runs", []))
+    runs.append(
+        {"model": args.model, "args": args_json, "test_images": len(jpeg), "environment": environment()}
+    )
     payload = {
         "meta": {
             **environment(),
-            "teacher": "bundled ResNet-20 (models/resnet20_cifar10.npz)",
+            "teachers": {m: MODELS[m]["weights"] for m in models_present},
             "train_data": args.train_data,
-            "test_data": f"{args.test_data} ({len(jpeg)} JPEG-decoded test images)",
+            "test_data": f"{args.test_data} (JPEG-decoded test images; how many: rows' test_images, "
+            "meta.runs[*].test_images; 10,000 where absent)",
             "test_data_exact1k": str(BUNDLED_DATA_DIR),
             "label_use": "labels choose the K-per-class training sample and score top-1; capture, solves, "
-            "pruning, polishing and all student training read images/activations only",
+            "pruning, polishing and all student training read images/activations only; convex+kd rows "
+            "fine-tune the whole swapped model with KD on the same unlabeled images and are excluded from "
+            "the summary",
             "params_note": "gates counted; magnitude_pruned counts surviving weights + BatchNorm affine; "
             "its MACs count surviving weights only",
-            "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
-            "spans": {s: list(SPANS[s]) for s in spans},
+            "args": args_json,
+            "runs": runs[-20:],
+            "spans": {m: {s: list(v) for s, v in MODELS[m]["spans"].items()} for m in models_present},
         },
         "rows": rows,
         "summary": summary,
     }
     print(
         table(
-            rows,
+            [r for r in rows if r.get("model", "resnet20") == args.model],
             [
                 ("student", "student", "s"),
                 ("span", "span", "s"),
@@ -457,9 +584,9 @@ def main(argv: list[str] | None = None) -> dict:
             ],
         )  # fmt: skip
     )
-    print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in summary.items()})
+    print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in by_model.get(args.model, {}).items()})
     path = write_json(args.out, payload)
-    _plot(rows, summary["teacher_top1"], RESULTS / f"{args.out}.png", f"{len(jpeg):,} JPEG test images")
+    _plot(rows, RESULTS / f"{args.out}.png", f"{len(jpeg):,} JPEG test images")
     print(f"wrote {path} and {RESULTS / (args.out + '.png')}")
     return payload
 

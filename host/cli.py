@@ -138,15 +138,38 @@ def _build_parser() -> argparse.ArgumentParser:
     ref.add_argument("--confirm", action="store_true", help="confirm an accepted head")
     dis = sub.add_parser(
         "distill",
-        help="capture a span of the teacher and solve its convex student, data parallel",
-        description="Capture the teacher's span on unlabeled images (each rank its block) and solve the "
-        "convex student's lam path with data-parallel FISTA. --nproc N spawns N local gloo ranks; under "
-        "torchrun the ranks come from its environment.",
+        help="replace a span of a CNN by a convex student fitted label-free; or its data-parallel solve",
+        description="With --model/--samples-per-class/--span-input: draw K*classes unlabeled training images "
+        "at random, capture the span, solve the convex student's lam path, prune and polish, swap, evaluate "
+        "on the test shards and save the compressed model and a report (JSON + PNG). Without them: the "
+        "data-parallel capture and solve of one span of the bundled ResNet-20 (--nproc N spawns N local gloo "
+        "ranks; under torchrun the ranks come from its environment).",
     )
     dis.add_argument("--out", type=Path, default=Path("convexedge-distill"), help="output folder")
-    dis.add_argument("--data", type=Path, default=None, help="train_*.npz shards (default: bundled)")
-    dis.add_argument("--span", default="layer3", help="teacher module replaced by the student")
-    dis.add_argument("--images", type=_positive_int, default=2000, help="unlabeled images (fit + held out)")
+    dis.add_argument(
+        "--data", type=Path, default=None, help="train_*.npz/test_*.npz shards (default: bundled)"
+    )
+    dis.add_argument("--model", default=None, help="resnet20 (bundled), resnet18, or pkg.module:factory")
+    dis.add_argument("--weights", default=None, help="resnet18 weights .npz (manifest: the .json beside it)")
+    dis.add_argument(
+        "--span", action="append", default=None,
+        help="module replaced by the student (default layer3), or FIRST,LAST of sibling modules; repeatable",
+    )  # fmt: skip
+    dis.add_argument("--span-input", default=None, help="first module of the span (with --span-output)")
+    dis.add_argument("--span-output", default=None, help="last module of the span (with --span-input)")
+    dis.add_argument(
+        "--samples-per-class", type=_positive_int, default=None,
+        help="K: K*classes unlabeled training images drawn at random (labels never read)",
+    )  # fmt: skip
+    dis.add_argument("--test-images", type=_positive_int, default=None, help="limit of test images")
+    dis.add_argument("--kernel-size", type=_positive_int, default=3, help="student kernel (odd)")
+    dis.add_argument("--no-polish", action="store_true", help="skip optimal-set pruning and polishing")
+    dis.add_argument("--kd", action="store_true", help="extra row: end-to-end KD fine-tune (T=4) of the swap")
+    dis.add_argument("--kd-epochs", type=_positive_int, default=20, help="KD epochs (upper bound)")
+    dis.add_argument("--kd-seconds", type=float, default=None, help="KD time budget in seconds")
+    dis.add_argument(
+        "--images", type=_positive_int, default=2000, help="data-parallel path: unlabeled images"
+    )
     dis.add_argument("--gates", type=_positive_int, default=8, help="gates P (gate 0 is the linear path)")
     dis.add_argument("--lam-ratios", default="0.1,0.03,0.01", help="decreasing lam/lam_max, comma-separated")
     dis.add_argument("--tol", type=float, default=1e-4, help="relative KKT residual to stop at")
@@ -158,6 +181,7 @@ def _build_parser() -> argparse.ArgumentParser:
     dis.add_argument("--checkpoint-every", type=_positive_int, default=50, help="iterations per checkpoint")
     dis.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
     dis.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
     lin = sub.add_parser(
         "linearize",
         help="cut the model's ReLUs to a budget for private inference (SNL, or BCD from SNL)",
@@ -183,6 +207,79 @@ def _build_parser() -> argparse.ArgumentParser:
     lin.add_argument("--adt", type=float, default=0.01, help="BCD: largest accepted accuracy drop")
     lin.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
+
+
+def _run_distill_command(args: argparse.Namespace) -> None:
+    """``convexedge distill``: the full pipeline, or the data-parallel solve of one ResNet-20 span."""
+    from convexedge.host.distill_cli import DistillOptions, PipelineOptions, run_distill, run_pipeline
+
+    if (args.span_input is None) != (args.span_output is None):
+        raise ValueError("--span-input and --span-output go together; give both module names")
+    if args.span_input is not None and args.span:
+        raise ValueError("give the span either as --span or as --span-input/--span-output, not both")
+    spans = [tuple(p.strip() for p in s.split(",")) for s in (args.span or ["layer3"])]
+    if args.span_input is not None:
+        spans = [
+            (args.span_input,) if args.span_input == args.span_output else (args.span_input, args.span_output)
+        ]
+    pipeline = (
+        args.model is not None
+        or args.samples_per_class is not None
+        or args.span_input is not None
+        or len(spans) > 1
+        or len(spans[0]) > 1
+    )
+    lam_ratios = tuple(float(r) for r in args.lam_ratios.split(","))
+    if not pipeline:
+        run_distill(
+            DistillOptions(
+                out=str(args.out),
+                data=None if args.data is None else str(args.data),
+                span=spans[0][0],
+                images=args.images,
+                kernel_size=args.kernel_size,
+                gates=args.gates,
+                lam_ratios=lam_ratios,
+                tol=args.tol,
+                max_iter=args.max_iter,
+                seed=args.seed,
+                dtype="float64" if args.float64 else "float32",
+                device=args.device,
+                nproc=args.nproc,
+                checkpoint_every=args.checkpoint_every,
+                resume=args.resume,
+                progress=not args.no_progress,
+            )
+        )
+        return
+    if args.nproc != 1 or args.resume or args.float64:
+        raise ValueError(
+            "--nproc/--resume/--float64 belong to the data-parallel solve of one bundled ResNet-20 span "
+            "(run it without --model/--samples-per-class/--span-input); the full pipeline runs in one process"
+        )
+    run_pipeline(
+        PipelineOptions(
+            model=args.model or "resnet20",
+            weights=args.weights,
+            spans=tuple(spans),
+            samples_per_class=args.samples_per_class or 100,
+            out=str(args.out),
+            data=None if args.data is None else str(args.data),
+            test_images=args.test_images,
+            gates=args.gates,
+            kernel_size=args.kernel_size,
+            lam_ratios=lam_ratios,
+            tol=args.tol,
+            max_iter=args.max_iter,
+            polish=not args.no_polish,
+            kd=args.kd,
+            kd_epochs=args.kd_epochs,
+            kd_seconds=args.kd_seconds,
+            seed=args.seed,
+            device=args.device,
+            progress=not args.no_progress,
+        )
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,27 +319,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
         elif args.command == "distill":
-            from convexedge.host.distill_cli import DistillOptions, run_distill
-
-            run_distill(
-                DistillOptions(
-                    out=str(args.out),
-                    data=None if args.data is None else str(args.data),
-                    span=args.span,
-                    images=args.images,
-                    gates=args.gates,
-                    lam_ratios=tuple(float(r) for r in args.lam_ratios.split(",")),
-                    tol=args.tol,
-                    max_iter=args.max_iter,
-                    seed=args.seed,
-                    dtype="float64" if args.float64 else "float32",
-                    device=args.device,
-                    nproc=args.nproc,
-                    checkpoint_every=args.checkpoint_every,
-                    resume=args.resume,
-                    progress=not args.no_progress,
-                )
-            )
+            _run_distill_command(args)
         elif args.command == "linearize":
             from convexedge.host.linearize.cli import LinearizeOptions, run_linearize
 

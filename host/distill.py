@@ -29,6 +29,8 @@ from convexedge.host.students import ConvGeometry, GatedConvStudent, image_to_ro
 __all__ = [
     "PathPoint",
     "build_conv_problem",
+    "capture_span",
+    "check_span",
     "fit_path",
     "infer_geometry",
     "load_compressed_model",
@@ -36,6 +38,8 @@ __all__ = [
     "make_gates",
     "save_student",
     "select_by_validation",
+    "span_module",
+    "swap_span_",
 ]
 
 log = logging.getLogger(__name__)
@@ -252,16 +256,161 @@ def load_student(folder: str, name: str = "student") -> tuple[GatedConvStudent, 
     return student, manifest
 
 
-def load_compressed_model(folder: str, name: str = "student") -> torch.nn.Module:
-    """The bundled teacher with the saved student swapped in at its span, in eval mode."""
-    from convexedge.host.swap import swapped
+def load_compressed_model(
+    folder: str, name: str = "student", *, teacher: torch.nn.Module | None = None
+) -> torch.nn.Module:
+    """The teacher with the saved student swapped in at its span, in eval mode.
+
+    The teacher is rebuilt from the manifest for the bundled ResNet-20 and the trained ResNet-18
+    (weights checked by name); for a model from a user factory pass it as ``teacher`` (it is copied,
+    not modified). A multi-module span puts the student at its first module and ``nn.Identity`` at
+    the others.
+
+    Raises:
+        ArtifactError: the files fail their checks, or the teacher cannot be rebuilt here.
+    """
+    import copy
+
     from convexedge.models import TEACHER_WEIGHTS, load_teacher
+    from convexedge.models.resnet18_cifar import RESNET18_WEIGHTS, load_resnet18
 
     student, manifest = load_student(folder, name)
-    teacher = manifest.get("teacher", {})
-    if teacher.get("weights") != TEACHER_WEIGHTS.name:
+    info = manifest.get("teacher", {})
+    span = list(manifest.get("span_modules") or [manifest["span"]])
+    if teacher is not None:
+        model = copy.deepcopy(teacher)
+    elif info.get("architecture") == "resnet18" and info.get("weights") == RESNET18_WEIGHTS.name:
+        model = load_resnet18()
+    elif info.get("weights") == TEACHER_WEIGHTS.name:
+        model = load_teacher()
+    else:
         raise ArtifactError(
-            f"{folder}: the student was fitted for teacher {teacher!r}; only the bundled "
-            f"{TEACHER_WEIGHTS.name} can be rebuilt here"
+            f"{folder}: the student was fitted for teacher {info!r}; only the bundled "
+            f"{TEACHER_WEIGHTS.name} and {RESNET18_WEIGHTS.name} can be rebuilt here "
+            "(pass teacher= for other models)"
         )
-    return swapped(load_teacher(), manifest["span"], student).eval()
+    return swap_span_(model, span, student).eval()
+
+
+# ----------------------------------------------------------------------------- spans of any model
+def check_span(model: torch.nn.Module, names: Sequence[str]) -> list[str]:
+    """Validate a span: one module name, or consecutive siblings (the children of one parent).
+
+    Args:
+        model: the teacher.
+        names: ``["layer3"]``, or ``["layer2", "layer3"]`` (first and last of the span; every
+            sibling registered between them belongs to the span too).
+
+    Returns:
+        The full list of the span's module names, in registration order.
+
+    Raises:
+        DataError: a name is not a module of ``model``, the names have different parents, or the
+            last one is registered before the first.
+    """
+    modules = dict(model.named_modules())
+    top = [n for n in modules if n and "." not in n]
+    names = list(names)
+    if not names or len(names) > 2:
+        raise DataError(f"a span is one module name or 'first,last', got {names}")
+    for n in names:
+        if not n or n not in modules:
+            raise DataError(f"span module {n!r} not found in the model; top-level modules are {top}")
+    first, last = names[0], names[-1]
+    parent, _, a = first.rpartition(".")
+    parent_last, _, b = last.rpartition(".")
+    if parent != parent_last:
+        raise DataError(
+            f"span modules {first!r} and {last!r} must be children of the same module; "
+            f"got parents {parent!r} and {parent_last!r}"
+        )
+    siblings = [n for n, _ in modules[parent].named_children()]
+    i, j = siblings.index(a), siblings.index(b)
+    if j < i:
+        raise DataError(f"span end {last!r} is registered before its start {first!r}; swap them")
+    prefix = f"{parent}." if parent else ""
+    return [prefix + n for n in siblings[i : j + 1]]
+
+
+def span_module(model: torch.nn.Module, span: Sequence[str]) -> torch.nn.Module:
+    """The teacher's span as one module (the module itself, or a ``Sequential`` of the siblings)."""
+    modules = dict(model.named_modules())
+    if len(span) == 1:
+        return modules[span[0]]
+    return torch.nn.Sequential(*[modules[n] for n in span])
+
+
+def swap_span_(model: torch.nn.Module, span: Sequence[str], student: torch.nn.Module) -> torch.nn.Module:
+    """Put ``student`` at ``span[0]`` and ``nn.Identity`` at the other span modules, in place."""
+    from convexedge.host.swap import swap_
+
+    swap_(model, span[0], student)
+    for n in span[1:]:
+        swap_(model, n, torch.nn.Identity())
+    return model
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def capture_span(
+    model: torch.nn.Module,
+    span: Sequence[str],
+    images: np.ndarray,
+    *,
+    transform: Callable[[np.ndarray], np.ndarray],
+    batch_size: int = 250,
+    device: str = "cpu",
+    outputs: bool = True,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Inputs of ``span[0]`` and outputs of ``span[-1]`` of ``model`` on ``images`` (label-free).
+
+    The forward stops right after the span (nothing later runs). Only ``images`` are read.
+
+    Args:
+        images: (N, H, W, 3) uint8.
+        transform: uint8 batch -> float32 NCHW batch the model expects.
+        outputs: also return the span outputs (``False`` stops at the span input).
+
+    Returns:
+        ``z_in`` (N, C, H, W) and ``z_out`` (N, c, H', W') float32 (``None`` when ``outputs=False``).
+    """
+    if not isinstance(images, np.ndarray) or images.ndim != 4 or images.dtype != np.uint8:
+        raise DataError(
+            f"capture_span: expected (N, H, W, 3) uint8 images, got {getattr(images, 'shape', '?')}"
+        )
+    modules = dict(model.named_modules())
+    rec: dict[str, torch.Tensor] = {}
+
+    def pre_hook(_m, args):
+        rec["in"] = args[0]
+        if not outputs:
+            raise _Stop
+
+    def post_hook(_m, _args, out):
+        rec["out"] = out
+        raise _Stop
+
+    handles = [modules[span[0]].register_forward_pre_hook(pre_hook)]
+    if outputs:
+        handles.append(modules[span[-1]].register_forward_hook(post_hook))
+    ins, outs = [], []
+    model.eval().to(device)
+    try:
+        for s in range(0, images.shape[0], batch_size):
+            rec.clear()
+            try:
+                model(torch.from_numpy(transform(images[s : s + batch_size])).to(device))
+            except _Stop:
+                pass
+            if "in" not in rec or (outputs and "out" not in rec):
+                raise DataError(f"span {list(span)} did not run in the model's forward pass")
+            ins.append(rec["in"].detach().float().cpu().numpy())
+            if outputs:
+                outs.append(rec["out"].detach().float().cpu().numpy())
+    finally:
+        for h in handles:
+            h.remove()
+    return np.concatenate(ins), (np.concatenate(outs) if outputs else None)
