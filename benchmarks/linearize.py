@@ -13,7 +13,14 @@ Each row: ``dataset, method, budget, relus_in_onnx, top1, seconds, seed`` plus t
 
 Run: ``python -m benchmarks.linearize [--dataset mnist1d|cifar10|both] [--seeds 0 1 2] [--budgets ..]``;
 writes ``benchmarks/results/linearize.json`` (rows of earlier runs of other datasets/budgets are
-kept, so split runs accumulate) and ``benchmarks/results/linearize.png``.
+kept, so split runs accumulate) and ``benchmarks/results/linearize.png``. Parallel runs: one
+``--json NAME`` each, then ``--fresh --merge A.json B.json ..``.
+
+MNIST-1D BCD hyper-parameters are tuned with ``--sweep [VARIANT ..]`` on a tuning protocol that
+never touches the test split (train on the first 3,000 training sequences, BCD validates on the
+usual 500, variants are scored on the last 500 training sequences, SNL vs BCD at matched compute
+as in the main protocol); the rows and per-variant means land in the JSON under ``sweep`` and the
+main protocol uses ``BCD_CHOSEN`` (``--variant`` picks another).
 """
 
 from __future__ import annotations
@@ -39,16 +46,71 @@ from convexedge.host.linearize import (
 
 MNIST1D_BUDGETS = (600, 300, 150, 75)
 CIFAR_BUDGETS = (30000, 15000, 6000, 3000, 1000)
+TUNE_HOLDOUT = 500  # tuning protocol: the last 500 training sequences score the variants
+
+# BCD hyper-parameters for MNIST-1D, tuned with ``--sweep`` (tuning protocol, never the test split;
+# the sweep's rows and per-variant means are kept in the JSON under "sweep"). warm_factor: BCD starts
+# from SNL's mask at this multiple of the budget; warm_finetune: epochs of fine-tuning of that warm
+# start; bcd_steps: blocks per budget (drc = ceil((warm - budget) / bcd_steps)); rt: blocks tried per
+# step; bcd_finetune: epochs per BCD fine-tune round; eval_samples: validation samples per step (a
+# fresh random subset each step; None = all 500).
+_BASE = {
+    "warm_factor": 1.5,
+    "warm_finetune": 5.0,
+    "bcd_steps": 19,
+    "rt": 32,
+    "adt": 0.01,
+    "finetune_drop": 0.03,
+    "bcd_finetune": 1.0,
+    "select": "loss",
+    "eval_samples": None,
+}
+BCD_VARIANTS = {
+    "w15_rt32": {},  # drc 2 at budget 75
+    "w15_rt8_short": {"warm_finetune": 1.0, "bcd_steps": 13, "rt": 8},  # the settings before tuning
+    "w15_rt16_sub128": {"bcd_steps": 37, "rt": 16, "eval_samples": 128, "adt": 0.02},  # drc 1 at 75
+    "w2_rt16_sub128": {"warm_factor": 2.0, "bcd_steps": 75, "rt": 16, "eval_samples": 128, "adt": 0.02},
+}
+BCD_CHOSEN = "w15_rt32"
 
 
-def _mnist1d(seed: int, quick: bool):
+def _mnist1d(seed: int, quick: bool, tune: bool = False):
+    """Teacher and splits; ``tune``: the tuning protocol (holdout = last 500 of the training split)."""
     from convexedge.host.linearize.mnist1d import ResNet1d, load_mnist1d, train_classifier
     from convexedge.host.linearize.train import accuracy
 
     train, val, test = load_mnist1d()
+    if tune:  # the test split is never looked at while tuning
+        n = len(train) - TUNE_HOLDOUT
+        train, test = Split(train.x[:n], train.y[:n]), Split(train.x[n:], train.y[n:])
     torch.manual_seed(seed)
     teacher = train_classifier(ResNet1d(), train, epochs=8 if quick else 20, seed=seed)
     return teacher, train, val, test, accuracy(teacher, test)
+
+
+def _mnist1d_config(budgets, args, variant: dict) -> CompareConfig:
+    """The MNIST-1D comparison with the BCD hyper-parameters of ``variant`` (see BCD_VARIANTS)."""
+    v = {**_BASE, **variant}
+    return CompareConfig(
+        budgets=budgets,
+        snl=SnlConfig(
+            max_epochs=args.snl_epochs or (40 if args.quick else 150), alpha_lr=1e-2 if args.quick else None
+        ),
+        bcd=BcdConfig(
+            budget=0,
+            drc=1,
+            rt=args.rt or v["rt"],
+            adt=v["adt"],
+            finetune_drop=v["finetune_drop"],
+            warm_finetune=v["warm_finetune"],
+            finetune=FinetuneConfig(epochs=v["bcd_finetune"]),
+            select=v["select"],
+            eval_samples=v["eval_samples"],
+        ),
+        warm_factor=v["warm_factor"],
+        bcd_steps=args.bcd_steps or v["bcd_steps"],
+        final_finetune=FinetuneConfig(epochs=args.final_epochs or (2.0 if args.quick else 5.0)),
+    )
 
 
 def _cifar(data: Path | None, train_images: int, val_images: int):
@@ -99,6 +161,70 @@ def _summary(rows: list[dict]) -> dict:
     return out
 
 
+def _sweep_key(r: dict) -> tuple:
+    return (r["variant"], r["method"], r["budget"], r["seed"])
+
+
+def _sweep_summary(rows: list[dict]) -> dict:
+    """Per variant and budget: mean holdout top-1 of BCD minus SNL (matched compute), over seeds."""
+    out: dict = {}
+    for v in sorted({r["variant"] for r in rows}):
+        per = {}
+        for b in sorted({r["budget"] for r in rows if r["variant"] == v}):
+            d = {
+                r["seed"]: r["top1"] * (1 if r["method"] == "bcd" else -1)
+                for r in rows
+                if r["variant"] == v and r["budget"] == b and r["method"] == "bcd"
+            }
+            for r in rows:
+                if r["variant"] == v and r["budget"] == b and r["method"] == "snl" and r["seed"] in d:
+                    d[r["seed"]] -= r["top1"]
+            snl_only = [r for r in rows if r["variant"] == v and r["budget"] == b and r["method"] == "bcd"]
+            per[str(b)] = {
+                "bcd_minus_snl": statistics.mean(d.values()) if d else None,
+                "seeds": sorted(d),
+                "bcd_units": statistics.mean(r["compute_units"] for r in snl_only) if snl_only else None,
+            }
+        out[v] = per
+    return out
+
+
+def _run_sweep(args, old_rows: list[dict]) -> dict:
+    """Score BCD variants on the tuning protocol (holdout = last 500 training sequences)."""
+    names = args.sweep or sorted(BCD_VARIANTS)
+    unknown = sorted(set(names) - set(BCD_VARIANTS))
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; known: {sorted(BCD_VARIANTS)}")
+    budgets = tuple(args.budgets or (75,))
+    rows = []
+    for seed in args.seeds:
+        teacher, train, val, hold, t_top1 = _mnist1d(seed, args.quick, tune=True)
+        cache: dict = {}
+        for name in names:
+            t0 = time.perf_counter()
+            cfg = _mnist1d_config(budgets, args, BCD_VARIANTS[name])
+            r, _ = compare_methods(
+                teacher, train, val, hold, cfg, seed=seed, dataset="mnist1d", path_cache=cache
+            )
+            for row in r:
+                row.update(variant=name, split="tuning holdout", teacher_top1=t_top1)
+            rows += r
+            print(
+                f"sweep seed {seed} {name}: {time.perf_counter() - t0:.0f} s, "
+                + ", ".join(f"{row['method']}@{row['budget']} {row['top1']:.3f}" for row in r)
+            )
+    keys = {_sweep_key(r) for r in rows}
+    all_rows = [r for r in old_rows if _sweep_key(r) not in keys] + rows
+    return {
+        "protocol": f"tuning: train = first {len(train)} training sequences, BCD val = the usual 500, "
+        f"score = holdout of the last {TUNE_HOLDOUT} training sequences (the test split is never used)",
+        "variants": {k: {**_BASE, **v} for k, v in BCD_VARIANTS.items()},
+        "chosen": BCD_CHOSEN,
+        "by_variant": _sweep_summary(all_rows),
+        "rows": all_rows,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", choices=["mnist1d", "cifar10", "both"], default="mnist1d")
@@ -111,7 +237,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val", type=int, default=500)
     p.add_argument("--snl-epochs", type=int, default=None, help="SNL max epochs (default 150)")
     p.add_argument("--final-epochs", type=float, default=None, help="final fine-tune epochs")
-    p.add_argument("--rt", type=int, default=8, help="BCD blocks tried per step")
+    p.add_argument("--rt", type=int, default=None, help="BCD blocks tried per step (default: per protocol)")
+    p.add_argument(
+        "--variant", choices=sorted(BCD_VARIANTS), default=BCD_CHOSEN, help="MNIST-1D BCD settings"
+    )
+    p.add_argument(
+        "--sweep",
+        nargs="*",
+        default=None,
+        metavar="VARIANT",
+        help="MNIST-1D: score these BCD variants (default: all) on the tuning protocol (JSON: sweep)",
+    )
     p.add_argument("--bcd-steps", type=int, default=None, help="BCD steps per budget (sets the block size)")
     p.add_argument("--snl-alpha-lr", type=float, default=None, help="SNL score lr (reduced CIFAR runs)")
     p.add_argument("--threads", type=int, default=1)
@@ -127,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     datasets = ["mnist1d", "cifar10"] if args.dataset == "both" else [args.dataset]
     previous = RESULTS / f"{args.json}.json"
-    old_rows, old_hist, old_meta = [], {}, {}
+    old_rows, old_hist, old_meta, old_sweep, sweep_meta = [], {}, {}, [], {}
     sources = ([] if args.fresh or not previous.exists() else [previous]) + list(args.merge or [])
     for src in sources:
         prev = json.loads(Path(src).read_text())
@@ -136,23 +272,21 @@ def main(argv: list[str] | None = None) -> int:
         old_rows += prev.get("rows", [])
         old_hist.update(prev.get("histories", {}))
         old_meta.update(prev.get("runs", {}))
+        new = prev.get("sweep", {}).get("rows", [])
+        old_sweep = [r for r in old_sweep if _sweep_key(r) not in {_sweep_key(q) for q in new}] + new
+        sweep_meta = {k: v for k, v in prev.get("sweep", {}).items() if k not in ("rows", "by_variant")}
+    sweep = {**sweep_meta, "rows": old_sweep, "by_variant": _sweep_summary(old_sweep)} if old_sweep else {}
+    if args.sweep is not None:
+        sweep = _run_sweep(args, old_sweep)
+        print(json.dumps(sweep["by_variant"], indent=1))
     rows, histories, runs = [], {}, {}
-    for ds in [] if args.merge else datasets:
+    for ds in [] if args.merge or args.sweep is not None else datasets:
         seeds = args.seeds[:1] if args.quick else args.seeds
         if ds == "mnist1d":
             budgets = tuple(args.budgets or ((300, 75) if args.quick else MNIST1D_BUDGETS))
-            cfg = CompareConfig(
-                budgets=budgets,
-                snl=SnlConfig(
-                    max_epochs=args.snl_epochs or (40 if args.quick else 150),
-                    alpha_lr=1e-2 if args.quick else None,
-                ),
-                bcd=BcdConfig(budget=0, drc=8, rt=args.rt, adt=0.01, finetune_drop=0.03),
-                warm_factor=1.5,
-                bcd_steps=16,
-                final_finetune=FinetuneConfig(epochs=args.final_epochs or (2.0 if args.quick else 5.0)),
-            )
+            cfg = _mnist1d_config(budgets, args, BCD_VARIANTS[args.variant])
             label = "full protocol" if not args.quick else "quick (short training, SNL score lr 1e-2, 1 seed)"
+            label += f", BCD variant {args.variant!r}"
         else:
             budgets = tuple(args.budgets or CIFAR_BUDGETS)
             if args.reduced or args.quick:
@@ -167,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
                     bcd=BcdConfig(
                         budget=0,
                         drc=max(16, min(budgets) // 8),
-                        rt=args.rt,
+                        rt=args.rt or 8,
                         finetune=FinetuneConfig(epochs=0.25, batch_size=64),
                         eval_batch=2048,
                     ),
@@ -184,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = CompareConfig(
                     budgets=budgets,
                     snl=SnlConfig(max_epochs=args.snl_epochs or 150),
-                    bcd=BcdConfig(budget=0, drc=max(16, min(budgets) // 20), rt=args.rt),
+                    bcd=BcdConfig(budget=0, drc=max(16, min(budgets) // 20), rt=args.rt or 8),
                     final_finetune=FinetuneConfig(epochs=args.final_epochs or 5.0),
                 )
                 label = "full protocol settings (on the data given)"
@@ -244,9 +378,12 @@ def main(argv: list[str] | None = None) -> int:
             "summary": summary,
             "runs": {**old_meta, **runs},
             "histories": all_hist,
+            "sweep": sweep,
             "notes": "compute_units = sample passes (forward 1, train step 3 per sample), matched per budget "
-            "by giving the cheaper method extra final fine-tuning; seconds = wall time of the search "
-            "share plus final fine-tune (the shared SNL path is apportioned by compute).",
+            "by giving the cheaper method extra final fine-tuning; path_units = the SNL path up to where "
+            "the method leaves it, bcd_units = BCD's warm fine-tune + candidate evaluations + fine-tune "
+            "rounds; seconds = wall time of the search share plus final fine-tune (the shared SNL path "
+            "is apportioned by compute; noisy on a shared machine).",
         },
     )
     print(f"wrote {previous} and {png}")

@@ -215,6 +215,57 @@ def test_bcd_config_validation():
         BcdConfig(budget=-1)
     with pytest.raises(ValueError, match="adt"):
         BcdConfig(budget=3, adt=2.0)
+    with pytest.raises(ValueError, match="warm_finetune"):
+        BcdConfig(budget=3, warm_finetune=-1.0)
+
+
+@pytest.mark.parametrize("warm", [0.0, 2.0])
+def test_bcd_warm_start_finetune_is_charged_and_logged(warm):
+    net, t, train, val, cfg = _bcd_setup(budget=100, adt=1.0, warm_finetune=warm)
+    res = bcd_linearize(net, t, train, val, cfg)
+    events = [h[2] for h in res.history]
+    assert events[0] == "start" and (events[1] == "finetune (warm start)") == (warm > 0)
+    assert res.ledger.train == int(round(warm * len(train) / 32)) * 32  # no other fine-tune (adt = 1)
+    assert res.finished and res.live_relus == 100
+
+
+def test_bcd_on_validation_subsets_is_deterministic_and_charges_the_subsets():
+    net, t, train, val, cfg = _bcd_setup(budget=60, eval_samples=16, warm_finetune=0.0, adt=1.0)
+    res = bcd_linearize(net, t, train, val, cfg)
+    assert res.finished and res.live_relus == 60 and len(np.unique(res.removed)) == 126 - 60
+    steps = -(-(126 - 60) // cfg.drc)
+    assert res.ledger.forward == len(val) + steps * (cfg.rt + 1) * 16  # start + (rt + current) x 16
+    net2, *_ = _bcd_setup()
+    again = bcd_linearize(net2, t, train, val, cfg)
+    assert np.array_equal(again.removed, res.removed)
+    with pytest.raises(ValueError, match="eval_samples"):
+        BcdConfig(budget=3, eval_samples=0)
+
+
+def test_compare_methods_matches_compute_and_reuses_the_snl_path(tmp_path):
+    pytest.importorskip("onnxscript")
+    from convexedge.host.linearize import CompareConfig, compare_methods
+
+    teacher = _tiny()
+    train, val, test = _data(64, 1), _data(48, 2), _data(48, 3)
+    cfg = CompareConfig(
+        budgets=(30,),
+        snl=SnlConfig(lam=2e-2, lam_growth=1.3, alpha_lr=0.1, max_epochs=30, batch_size=32),
+        bcd=BcdConfig(budget=0, rt=4, warm_finetune=0.5, finetune=FinetuneConfig(epochs=0.5, batch_size=32)),
+        final_finetune=FinetuneConfig(epochs=1.0, batch_size=32),
+        warm_factor=2.0,
+        bcd_steps=4,
+    )
+    cache: dict = {}
+    rows, hist = compare_methods(teacher, train, val, test, cfg, seed=1, path_cache=cache, out_dir=tmp_path)
+    by = {r["method"]: r for r in rows}
+    assert set(by) == {"snl", "bcd"} and len(cache) == 1
+    assert by["snl"]["relus_in_onnx"] == by["bcd"]["relus_in_onnx"] == 30
+    assert by["bcd"]["warm_budget"] == 60 and by["bcd"]["bcd_drc"] == 8
+    # matched: the cheaper one's extra fine-tuning is rounded to whole batches of 32 train steps (x3)
+    assert abs(by["snl"]["compute_units"] - by["bcd"]["compute_units"]) <= 3 * 32
+    again, _ = compare_methods(teacher, train, val, test, cfg, seed=1, path_cache=cache, out_dir=tmp_path)
+    assert [r["top1"] for r in again] == [r["top1"] for r in rows] and len(cache) == 1
 
 
 # --------------------------------------------------------------------------- export

@@ -3,12 +3,14 @@
 For each budget ``B`` (one shared SNL L1 path, see :mod:`.snl`):
 
 * **SNL**: the path's snapshot at ``B``, binarized to ``B`` ReLUs, then fine-tuned.
-* **BCD**: the path's snapshot at ``warm_factor * B`` (binarized there), BCD down to ``B``, then
-  the same fine-tuning.
+* **BCD**: the path's snapshot at ``warm_factor * B`` binarized there and fine-tuned for
+  ``bcd.warm_finetune`` epochs (SNL's own solution at the larger budget: the bare thresholded
+  snapshot is near chance), BCD down to ``B``, then the same fine-tuning.
 
-Compute is matched in sample passes (:class:`~.train.Ledger`): whichever method spent less gets
-the difference as extra final fine-tuning epochs. Both are then exported to ONNX and the ReLUs in
-the graph are counted and checked against ``B``.
+Compute is matched in sample passes (:class:`~.train.Ledger`): the SNL path up to where each
+method leaves it, BCD's warm fine-tune, candidate evaluations and fine-tune rounds are all charged,
+and whichever method spent less gets the difference as extra final fine-tuning epochs. Both are
+then exported to ONNX and the ReLUs in the graph are counted and checked against ``B``.
 """
 
 from __future__ import annotations
@@ -79,8 +81,12 @@ def compare_methods(
     dataset: str = "",
     out_dir: str | Path | None = None,
     progress: bool = False,
+    path_cache: dict | None = None,
 ) -> tuple[list[dict], dict]:
     """Run SNL and BCD at every budget of ``config``; the teacher is not modified.
+
+    ``path_cache``: a dict that keeps the SNL path between calls on the same teacher, data, seed and
+    SNL config (a hyper-parameter sweep of BCD reuses one path; the compute charged is unchanged).
 
     Returns:
         ``(rows, histories)``: one row per (method, budget) with ``dataset, method, budget,
@@ -95,20 +101,25 @@ def compare_methods(
     teacher_logits = logits_of(teacher, train.x)
     warm = {b: min(full, int(round(b * config.warm_factor))) for b in config.budgets}
     path_budgets = sorted(set(config.budgets) | set(warm.values()), reverse=True)
-    ledger = Ledger(forward=len(train))  # the teacher's logits, charged to both
-    t0 = time.perf_counter()
-    path_model = copy.deepcopy(base)
-    snaps = snl_path(
-        path_model,
-        teacher_logits,
-        train,
-        path_budgets,
-        config.snl,
-        seed=seed,
-        ledger=ledger,
-        progress=progress,
-    )
-    path_seconds = time.perf_counter() - t0
+    key = (seed, config.snl, config.granularity, tuple(path_budgets))
+    if path_cache is not None and key in path_cache:
+        snaps, ledger, path_seconds = path_cache[key]
+    else:
+        ledger = Ledger(forward=len(train))  # the teacher's logits, charged to both
+        t0 = time.perf_counter()
+        snaps = snl_path(
+            copy.deepcopy(base),
+            teacher_logits,
+            train,
+            path_budgets,
+            config.snl,
+            seed=seed,
+            ledger=ledger,
+            progress=progress,
+        )
+        path_seconds = time.perf_counter() - t0
+        if path_cache is not None:
+            path_cache[key] = (snaps, ledger, path_seconds)
     rows, histories = [], {}
     tmp = tempfile.TemporaryDirectory() if out_dir is None else None
     onnx_dir = Path(tmp.name if tmp else out_dir)
@@ -145,7 +156,11 @@ def compare_methods(
                     led_s,
                     extra_s,
                     snl_search_s,
-                    {"snl_epoch": snaps[b].epoch, "snl_converged": snaps[b].converged},
+                    {
+                        "snl_epoch": snaps[b].epoch,
+                        "snl_converged": snaps[b].converged,
+                        "path_units": snaps[b].ledger.units,
+                    },
                 ),
                 (
                     "bcd",
@@ -159,6 +174,12 @@ def compare_methods(
                         "bcd_finetune_rounds": res.finetune_rounds,
                         "bcd_forced": res.forced,
                         "bcd_val_top1": res.val_accuracy,
+                        "bcd_binarized_val_top1": res.history[0][1],
+                        "bcd_warm_val_top1": next(
+                            (h[1] for h in res.history if h[2] == "finetune (warm start)"), res.history[0][1]
+                        ),
+                        "path_units": snap_w.ledger.units,
+                        "bcd_units": led_b.units - snap_w.ledger.units,
                     },
                 ),
             ):
