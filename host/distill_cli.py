@@ -46,6 +46,16 @@ __all__ = ["DistillOptions", "PipelineOptions", "TeacherSpec", "resolve_model", 
 log = logging.getLogger(__name__)
 
 
+def _check_path_settings(val_fraction: float, lam_ratios) -> None:
+    """The held-out fraction and the lam path shared by both distill front ends."""
+    if not 0.0 < val_fraction < 0.5:
+        raise ValueError(f"val_fraction must lie in (0, 0.5), got {val_fraction}")
+    ratios = list(lam_ratios)
+    decreasing = all(b < a for a, b in zip(ratios, ratios[1:], strict=False))
+    if not ratios or any(r <= 0 for r in ratios) or not decreasing:
+        raise ValueError(f"lam_ratios must be positive and strictly decreasing, got {ratios}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class DistillOptions:
     """Settings of ``convexedge distill``."""
@@ -71,15 +81,7 @@ class DistillOptions:
     def __post_init__(self) -> None:
         if self.images < 2:
             raise ValueError(f"images must be >= 2, got {self.images}")
-        if not 0.0 < self.val_fraction < 0.5:
-            raise ValueError(f"val_fraction must lie in (0, 0.5), got {self.val_fraction}")
-        ratios = list(self.lam_ratios)
-        if (
-            not ratios
-            or any(r <= 0 for r in ratios)
-            or any(b >= a for a, b in zip(ratios, ratios[1:], strict=False))
-        ):
-            raise ValueError(f"lam_ratios must be positive and strictly decreasing, got {ratios}")
+        _check_path_settings(self.val_fraction, self.lam_ratios)
         if self.nproc < 1:
             raise ValueError(f"nproc must be >= 1, got {self.nproc}")
         if self.dtype not in ("float32", "float64"):
@@ -307,15 +309,7 @@ class PipelineOptions:
             raise ValueError(f"samples_per_class must be >= 1, got {self.samples_per_class}")
         if not self.spans or any(not s or len(s) > 2 for s in self.spans):
             raise ValueError(f"each span is one module name or 'first,last', got {self.spans}")
-        if not 0.0 < self.val_fraction < 0.5:
-            raise ValueError(f"val_fraction must lie in (0, 0.5), got {self.val_fraction}")
-        ratios = list(self.lam_ratios)
-        if (
-            not ratios
-            or any(r <= 0 for r in ratios)
-            or any(b >= a for a, b in zip(ratios, ratios[1:], strict=False))
-        ):
-            raise ValueError(f"lam_ratios must be positive and strictly decreasing, got {ratios}")
+        _check_path_settings(self.val_fraction, self.lam_ratios)
         if self.gates < 1 or self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise ValueError(f"gates must be >= 1 and kernel_size odd, got {self.gates}, {self.kernel_size}")
         if self.test_images is not None and self.test_images < 1:
