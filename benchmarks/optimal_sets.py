@@ -285,7 +285,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--max-seconds", type=float, default=None, help="solve cap per row (10 quick, 600 full)"
     )
+    parser.add_argument(
+        "--groups",
+        default="gate,gate_output",
+        help="group forms to run (gate_output on patches needs >24 GB)",
+    )
     args = parser.parse_args(argv)
+    groups = [g.strip() for g in args.groups.split(",") if g.strip()]
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     bad = sorted(set(parts) - set(PARTS))
     if bad:
@@ -332,7 +338,7 @@ def main(argv: list[str] | None = None) -> dict:
     for part, name, Z, Y, G in problems:
         if part not in parts:
             continue
-        for group in ("gate", "gate_output"):
+        for group in groups:
             t1 = time.perf_counter()
             wide = part == "wide"
             ratio = 1e-3 if wide else lam_ratio
@@ -378,7 +384,9 @@ def main(argv: list[str] | None = None) -> dict:
         }  # fmt: skip
     if args.merge and out_path.exists():  # re-read now: another part may have finished meanwhile
         old = json.loads(out_path.read_text())
-    rows = [r for r in old.get("rows", []) if r.get("part") not in parts] + rows
+    rows = [
+        r for r in old.get("rows", []) if r.get("part") not in parts or r.get("group") not in groups
+    ] + rows
     relu_row = relu_row if "relu" in parts else old.get("relu", {})
     path_info = path_info if "path" in parts else old.get("path", {})
     summary = _summary(rows, relu_row, path_info)
