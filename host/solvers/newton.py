@@ -141,15 +141,16 @@ def _reduced_grad(K0, B, X, lam, d):
     return K0 @ X - B + lam * (Xg / r[:, None, None]).reshape(X.shape)
 
 
-def _newton_block(K0, B, X, lam, d, damping, steps, gtol, deadline=None) -> tuple[torch.Tensor, bool]:
+def _newton_block(K0, B, X, lam, d, damping, steps, gtol, deadline=None) -> torch.Tensor:
     """Up to ``steps`` damped Newton steps on one block system, stopping once the reduced gradient's
-    norm is ``<= gtol`` or at ``deadline`` (``time.perf_counter()`` value); returns (X, whether a
-    group was set to zero)."""
+    norm is ``<= gtol`` or at ``deadline`` (a ``time.perf_counter()`` value). When no step along the
+    Newton direction lowers the reduced gradient, the group heading fastest to zero is set to zero
+    and the block returns, so the support phase decides about it."""
     k = X.shape[0] // d
+    g = _reduced_grad(K0, B, X, lam, d)
     for _ in range(steps):
         if deadline is not None and time.perf_counter() >= deadline:
             break
-        g = _reduced_grad(K0, B, X, lam, d)
         gn = float(torch.linalg.vector_norm(g))
         if gn <= gtol:
             break
@@ -158,23 +159,20 @@ def _newton_block(K0, B, X, lam, d, damping, steps, gtol, deadline=None) -> tupl
         t, accepted = 1.0, False
         for _ in range(30):
             Xn = X + t * D
-            rn = torch.linalg.vector_norm(Xn.view(k, -1), dim=1)
-            if bool((rn <= 1e-3 * r).any()):  # a group collapses: leave it to the support phase
-                t *= 0.5
-                continue
-            if float(torch.linalg.vector_norm(_reduced_grad(K0, B, Xn, lam, d))) <= (1 - 1e-4 * t) * gn:
+            t *= 0.5
+            if bool((torch.linalg.vector_norm(Xn.view(k, -1), dim=1) <= 1e-3 * r).any()):
+                continue  # a group would collapse: leave that to the support phase
+            gn_new = _reduced_grad(K0, B, Xn, lam, d)
+            if float(torch.linalg.vector_norm(gn_new)) <= (1 - 2e-4 * t) * gn:
                 accepted = True
                 break
-            t *= 0.5
         if not accepted:
-            # no decrease along the Newton direction: a group is heading to zero; zero the group
-            # whose norm falls fastest and let the support phase decide.
             shrink = torch.linalg.vector_norm((X + D).view(k, -1), dim=1) / r
             X = X.clone()
             X.view(k, -1)[int(torch.argmin(shrink))] = 0
-            return X, True
-        X = Xn
-    return X, False
+            return X
+        X, g = Xn, gn_new
+    return X
 
 
 def _newton_dim(V: torch.Tensor, group: str) -> int:
@@ -227,53 +225,54 @@ def newton_polish(
         raise ValueError(f"V0 must have shape {(problem.P, d, c)}, got {tuple(V.shape)}")
     history: dict[str, list[float]] = {k: [] for k in ("iteration", "objective", "kkt", "step", "seconds")}
     iterations = 0
-    kkt = float("inf")
     B_all = problem._adjoint_y() / n
     deadline = None if cfg.max_seconds is None else start + cfg.max_seconds
     # the Newton blocks stop at a tenth of the target residual (same scale as kkt_residual's)
     gtol = 0.1 * cfg.tol * float(torch.linalg.vector_norm(problem._grad0_group_norms()))
+    # ``kkt`` is always the exact relative KKT residual of the current ``V`` (``inf`` before one exists).
+    kkt, entering = (float("inf"), False) if V is None else _kkt_parts(problem, V, lam)
     newton_failed = False
     for _ in range(cfg.max_rounds):
+        if kkt <= cfg.tol:
+            break
+        # FISTA runs to find a support (no V yet), to fix a wrong one (a zero group violates its
+        # condition) or when Newton stalled far out, with a tolerance below the current residual
+        # so that it moves; after Newton failed on a support (e.g. many duplicate gates) or the
+        # support is too large to factorise, FISTA alone goes on to the target.
         if V is None:
             fista_tol = max(cfg.support_tol, cfg.tol)
+        elif newton_failed:
+            fista_tol = cfg.tol
+        elif entering or kkt > cfg.support_tol:
+            fista_tol = max(cfg.tol, min(cfg.support_tol, 1e-2 * kkt))
         else:
-            kkt, entering = _kkt_parts(problem, V, lam)
-            if kkt <= cfg.tol:
-                break
-            # The support is wrong (a zero group violates its condition) or Newton stalled far out:
-            # FISTA fixes the support; a tolerance below the current residual makes it move. If
-            # Newton made things worse on this support (e.g. many duplicate gates), FISTA alone
-            # goes on to the target.
-            stalled = entering or kkt > cfg.support_tol
-            fista_tol = max(cfg.tol, min(cfg.support_tol, 1e-2 * kkt)) if stalled else None
-            if newton_failed:
-                fista_tol = cfg.tol
+            fista_tol = None
         if fista_tol is not None:
-            fcfg = cfg.fista
-            if cfg.max_seconds is not None:
-                left = max(cfg.max_seconds - (time.perf_counter() - start), 1e-3)
+            fcfg = FistaConfig(**{**cfg.fista.__dict__, "tol": fista_tol})
+            if deadline is not None:
+                left = max(deadline - time.perf_counter(), 1e-3)
                 fcfg = FistaConfig(**{**fcfg.__dict__, "max_seconds": min(fcfg.max_seconds or left, left)})
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)
-                res = solve(problem, lam, FistaConfig(**{**fcfg.__dict__, "tol": fista_tol}), V0=V)
-            V, iterations = res.V.to(torch.float64), iterations + res.iterations
+                res = solve(problem, lam, fcfg, V0=V)
+            V, kkt, iterations = res.V.to(torch.float64), res.kkt_residual, iterations + res.iterations
             if newton_failed:
-                kkt = res.kkt_residual
                 _record(history, iterations, problem.objective(V, lam), kkt, start)
                 break
-        V = V.clone()
         if _newton_dim(V, problem.group) > cfg.max_dim:  # too large to factorise: FISTA alone
             newton_failed = True
             continue
-        before_V, before_kkt = V.clone(), kkt_residual(problem, V, lam)
+        before_V, before_kkt = V, kkt
+        V = V.clone()
         if problem.group == "gate":
             gates = torch.nonzero(group_norms(V, "gate") > 0).flatten().tolist()
             if gates:
                 K0 = _active_gram(problem, gates) / n
                 X = V[gates].reshape(len(gates) * d, c)
                 Bg = B_all[gates].reshape(-1, c)
-                X, _ = _newton_block(K0, Bg, X, lam, d, cfg.damping, cfg.max_newton, gtol, deadline)
-                V[gates] = X.view(len(gates), d, c)
+                V[gates] = _newton_block(K0, Bg, X, lam, d, cfg.damping, cfg.max_newton, gtol, deadline).view(
+                    len(gates), d, c
+                )
         else:  # separable over output columns: one block system per column, gates from the union
             norms = group_norms(V, "gate_output")  # (P, c)
             union = torch.nonzero((norms > 0).any(dim=1)).flatten().tolist()
@@ -284,21 +283,19 @@ def newton_polish(
                     continue
                 gates = [union[a] for a in pos]
                 idx = torch.cat([torch.arange(a * d, (a + 1) * d) for a in pos]).to(V.device)
-                K0 = K_union[idx][:, idx]
                 X = V[gates, :, j].reshape(-1, 1)
                 Bj = B_all[gates, :, j].reshape(-1, 1)
-                X, _ = _newton_block(K0, Bj, X, lam, d, cfg.damping, cfg.max_newton, gtol, deadline)
+                X = _newton_block(
+                    K_union[idx][:, idx], Bj, X, lam, d, cfg.damping, cfg.max_newton, gtol, deadline
+                )
                 V[gates, :, j] = X.view(len(gates), d)
         iterations += 1
-        kkt = kkt_residual(problem, V, lam)
+        kkt, entering = _kkt_parts(problem, V, lam)
         if kkt > before_kkt:  # the Newton phase did not help on this support: undo it
             V, kkt, newton_failed = before_V, before_kkt, True
         _record(history, iterations, problem.objective(V, lam), kkt, start)
-        if kkt <= cfg.tol:
+        if deadline is not None and time.perf_counter() >= deadline:
             break
-        if cfg.max_seconds is not None and time.perf_counter() - start >= cfg.max_seconds:
-            break
-    kkt = kkt_residual(problem, V, lam)  # the certificate of the point returned
     converged = kkt <= cfg.tol
     if not converged:
         warnings.warn(
