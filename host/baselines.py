@@ -333,6 +333,18 @@ def _loss(module: nn.Module, z_in: torch.Tensor, z_out: torch.Tensor, batch: int
     return total / (2 * z_in.shape[0] * int(np.prod(z_out.shape[1:])))
 
 
+def set_cosine_lr(
+    opt: torch.optim.Optimizer, lr: float, t0: float, time_budget_s: float | None, step: int, total: int
+) -> None:
+    """Cosine decay from ``lr`` to 0 over the time budget (when set, from ``t0``) or over ``total`` steps."""
+    if time_budget_s is not None:
+        frac = min(1.0, (time.perf_counter() - t0) / time_budget_s)
+    else:
+        frac = step / max(1, total)
+    for grp in opt.param_groups:
+        grp["lr"] = lr * 0.5 * (1 + math.cos(math.pi * frac))
+
+
 def train_student(
     student: nn.Module,
     z_in: np.ndarray | torch.Tensor,
@@ -416,12 +428,7 @@ def train_student(
             run, seen = 0.0, 0
             for s in range(0, n, bs):
                 if config.lr_schedule == "cosine":
-                    if config.time_budget_s is not None:
-                        frac = min(1.0, (time.perf_counter() - t0) / config.time_budget_s)
-                    else:
-                        frac = steps / max(1, total_steps)
-                    for grp in opt.param_groups:
-                        grp["lr"] = config.lr * 0.5 * (1 + math.cos(math.pi * frac))
+                    set_cosine_lr(opt, config.lr, t0, config.time_budget_s, steps, total_steps)
                 idx = order[s : s + bs]
                 xb, yb = zi[idx].to(dev), zo[idx].to(dev)
                 loss = 0.5 * ((student(xb) - yb) ** 2).mean()

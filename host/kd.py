@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from convexedge.device.errors import DataError
+from convexedge.host.baselines import set_cosine_lr
 
 __all__ = ["KDConfig", "KDResult", "kd_finetune", "kd_loss"]
 
@@ -164,12 +165,7 @@ def kd_finetune(
             if config.augment:
                 xb = _augment(xb, rng)
             xt = torch.from_numpy(transform(xb)).to(dev)
-            if config.time_budget_s is not None:
-                frac = min(1.0, (time.perf_counter() - t0) / config.time_budget_s)
-            else:
-                frac = steps / max(1, total)
-            for g in opt.param_groups:
-                g["lr"] = config.lr * 0.5 * (1 + math.cos(math.pi * frac))
+            set_cosine_lr(opt, config.lr, t0, config.time_budget_s, steps, total)
             with torch.no_grad():
                 target = teacher(xt)
             loss = kd_loss(student(xt), target, t)
