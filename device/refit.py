@@ -367,17 +367,18 @@ class RefitRuntime:
         return BufferConfig(**{**asdict(buffer), "capacity": lo})
 
     def memory_bytes(self) -> dict[str, int]:
-        """Memory the runtime holds or may use: buffer (allocated), refit workspace (estimate), heads.
-
-        ``solver`` (a string in the dict) names the solver a refit would use now.
-        """
+        """Memory the runtime holds or may use: buffer (allocated), refit workspace (estimate), heads."""
         head = self.head
         buf = self.buffer.nbytes()
         work = self._workspace_bytes(head, self.buffer.config)
         heads = 2 * head.nbytes()  # serving head + a candidate during a refit
         return {"buffer": buf, "refit_workspace": work, "heads": heads, "total": buf + work + heads,
-                "budget": self.memory_budget_bytes,
-                "solver": self._solver_for(head, self.buffer.config)}  # type: ignore[dict-item]  # fmt: skip
+                "budget": self.memory_budget_bytes}  # fmt: skip
+
+    @property
+    def refit_solver(self) -> str:
+        """The solver a refit would use now: ``"fista"`` or ``"bcd"`` (``"auto"`` resolved)."""
+        return self._solver_for(self.head, self.buffer.config)
 
     # ------------------------------------------------------------------ serving
     @property

@@ -246,14 +246,14 @@ def test_auto_picks_bcd_for_a_small_workspace_and_fista_for_gram():
     small = RefitRuntime(
         _head(), memory_budget_mb=8, buffer=buf, config=RefitConfig(solver="auto", auto_workspace_kb=1)
     )
-    assert small.memory_bytes()["solver"] == "bcd"
+    assert small.refit_solver == "bcd"
     big = RefitRuntime(_head(), memory_budget_mb=8, buffer=buf, config=RefitConfig(solver="auto"))
-    assert big.memory_bytes()["solver"] == "fista"
+    assert big.refit_solver == "fista"
     gram = RefitRuntime(
         _head(), memory_budget_mb=8, buffer=BufferConfig(mode="gram"),
         config=RefitConfig(solver="auto", auto_workspace_kb=1),
     )  # fmt: skip
-    assert gram.memory_bytes()["solver"] == "fista"
+    assert gram.refit_solver == "fista"
     # bcd's workspace estimate is far below FISTA's
     assert small.memory_bytes()["refit_workspace"] < big.memory_bytes()["refit_workspace"] / 2
     with pytest.raises(ValueError, match="solver='bcd' needs the stream's rows"):
