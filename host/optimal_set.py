@@ -137,27 +137,52 @@ class OptimalSet:
         )
 
 
-def _directions_and_columns(p64: GatedProblem, rho: torch.Tensor, lam: float, groups: list):
-    """Unit directions ``s_g`` from ``A^T rho`` and the column matrix ``[A_g s_g]``."""
+def _directions_and_blocks(p64: GatedProblem, rho: torch.Tensor, groups: list):
+    """Unit directions ``s_g`` from ``A^T rho`` and the column matrix ``[A_g s_g]`` in blocks.
+
+    Returns ``(dirs, blocks)`` with ``blocks = [(positions, cols)]``: ``cols[:, k]`` is the column of
+    group ``groups[positions[k]]``. ``group="gate"``: one block of ``n c`` rows. ``"gate_output"``:
+    group ``(i, j)`` touches only output ``j``'s rows, so the matrix is block diagonal over outputs
+    and each block keeps its ``n`` rows (never the ``(n c, |E|)`` matrix, mostly zeros: 33 GB on the
+    ``patches`` problem).
+    """
     C = p64.adjoint(rho)  # (P, d, c)
     Z = p64.Z
     M = p64.masks.to(torch.float64)
-    dirs, cols = [], []
-    for g in groups:
-        if p64.group == "gate":
-            s = C[g] / torch.linalg.vector_norm(C[g])
-            cols.append(((Z @ s) * M[:, g, None]).reshape(-1))
-        else:
-            i, j = g
-            s = C[i, :, j] / torch.linalg.vector_norm(C[i, :, j])
-            col = torch.zeros((p64.n, p64.c), dtype=torch.float64)
-            col[:, j] = (Z @ s) * M[:, i]
-            cols.append(col.reshape(-1))
-        dirs.append(s)
     if not groups:
         shape = (0, p64.d, p64.c) if p64.group == "gate" else (0, p64.d)
-        return torch.zeros(shape, dtype=torch.float64), np.zeros((p64.n * p64.c, 0))
-    return torch.stack(dirs), torch.stack(cols, dim=1).numpy()
+        return torch.zeros(shape, dtype=torch.float64), []
+    if p64.group == "gate":
+        dirs = torch.stack([C[g] / torch.linalg.vector_norm(C[g]) for g in groups])
+        cols = torch.stack([((Z @ s) * M[:, g, None]).reshape(-1) for g, s in zip(groups, dirs)], dim=1)
+        return dirs, [(np.arange(len(groups)), cols.numpy())]
+    dirs = torch.stack([C[i, :, j] / torch.linalg.vector_norm(C[i, :, j]) for i, j in groups])
+    blocks = []
+    for j in sorted({g[1] for g in groups}):
+        pos = np.array([k for k, g in enumerate(groups) if g[1] == j])
+        gates = [groups[k][0] for k in pos]
+        blocks.append((pos, ((Z @ dirs[pos].T) * M[:, gates]).numpy()))
+    return dirs, blocks
+
+
+def _reduced_constraints(blocks: list, n_groups: int, rtol: float) -> tuple[np.ndarray, int]:
+    """``A_eq`` (rank, n_groups) with ``A_eq^T A_eq = cols^T cols`` from the blocks of the column
+    matrix (QR then SVD per block, the rank cutoff ``rtol`` relative to the largest singular value
+    over all blocks)."""
+    parts = []
+    for pos, cols in blocks:
+        R = np.linalg.qr(cols, mode="r") if cols.shape[0] > cols.shape[1] else cols
+        _, sv, Wt = np.linalg.svd(R, full_matrices=False)
+        parts.append((pos, sv, Wt))
+    top = max((float(sv[0]) for _, sv, _ in parts if sv.size), default=0.0)
+    rows = []
+    for pos, sv, Wt in parts:
+        r = int((sv > rtol * top).sum()) if top > 0 else 0
+        block = np.zeros((r, n_groups))
+        block[:, pos] = sv[:r, None] * Wt[:r]
+        rows.append(block)
+    A_eq = np.vstack(rows) if rows else np.zeros((0, n_groups))
+    return A_eq, A_eq.shape[0]
 
 
 def describe_optimal_set(
@@ -198,14 +223,8 @@ def describe_optimal_set(
     else:
         groups = [tuple(x) for x in torch.nonzero(inE).tolist()]
         alpha = np.array([float(vn[g[0], g[1]]) for g in groups])
-    dirs, cols = _directions_and_columns(p64, dual.rho, lam, groups)
-    if cols.shape[1]:
-        R = np.linalg.qr(cols, mode="r") if cols.shape[0] > cols.shape[1] else cols
-        _, sv, Wt = np.linalg.svd(R, full_matrices=False)
-        r = int((sv > rtol * sv[0]).sum()) if sv.size and sv[0] > 0 else 0
-        A_eq = sv[:r, None] * Wt[:r]
-    else:
-        r, A_eq = 0, np.zeros((0, 0))
+    dirs, blocks = _directions_and_blocks(p64, dual.rho, groups)
+    A_eq, r = _reduced_constraints(blocks, len(groups), rtol)
     return OptimalSet(
         lam=lam, groups=groups, directions=dirs, alpha=alpha, A_eq=A_eq, b_eq=A_eq @ alpha, rank=r,
         fitted=dual.fitted, rho=dual.rho, penalty=float(alpha.sum()), group=p64.group,

@@ -124,6 +124,25 @@ def test_describe_optimal_set_contains_pruned_points():
         describe_optimal_set(prob, res, etol=2.0)
 
 
+
+def test_gate_output_constraints_equal_the_dense_column_matrix():
+    """Per output the reduced rows are built block by block; they must span the same constraints
+    as the dense (n c, |E|) matrix of columns (A_eq^T A_eq = cols^T cols, same rank)."""
+    prob, _ = _problem(3, 12, 3, 3, 20, group="gate_output")
+    lam = 0.01 * prob.lam_max()
+    res = solve(prob, lam, FistaConfig(tol=1e-10, max_iter=100000))
+    opt = describe_optimal_set(prob, res)
+    assert {g[1] for g in opt.groups} == {0, 1, 2}  # every output has groups: several blocks
+    cols = np.zeros((prob.n * prob.c, len(opt.groups)))
+    Z, M = prob.Z.numpy(), prob.masks.numpy().astype(float)
+    for k, (i, j) in enumerate(opt.groups):
+        col = np.zeros((prob.n, prob.c))
+        col[:, j] = (Z @ opt.directions[k].numpy()) * M[:, i]
+        cols[:, k] = col.ravel()
+    np.testing.assert_allclose(opt.A_eq.T @ opt.A_eq, cols.T @ cols, atol=1e-9)
+    assert opt.rank == np.linalg.matrix_rank(cols, tol=1e-9 * np.linalg.norm(cols, 2))
+    assert opt.contains(opt.alpha)
+
 @pytest.mark.parametrize("group", ["gate", "gate_output"])
 def test_sensitivity_matches_finite_differences(group):
     prob, _ = _problem(2, 12, 3, 2, 6, group=group)
