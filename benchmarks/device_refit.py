@@ -44,6 +44,7 @@ from convexedge.device import (  # noqa: E402
     BufferConfig,
     FistaConfig,
     HeadStore,
+    MomentumConfig,
     RefitConfig,
     RefitRuntime,
 )
@@ -168,6 +169,7 @@ def _runtime(
         config=RefitConfig(
             fista=FistaConfig(tol=1e-3, max_iter=2000),
             bcd=BcdConfig(tol=1e-3, max_iter=2000),
+            momentum=MomentumConfig(tol=1e-3, max_iter=2000),
             solver=solver,  # type: ignore[arg-type]
             anchor=anchor,
         ),

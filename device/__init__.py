@@ -4,8 +4,8 @@ Contract: importing this package never imports torch, tensorflow or onnxruntime 
 a subprocess with those modules blocked). An app opens a :class:`HeadStore` (versioned, checksummed,
 optionally ed25519-signed heads with atomic commit, rollback and confirm), serves it through a
 :class:`RefitRuntime` (lock-free ``predict``, bounded ``observe`` buffer, background ``refit`` with
-the host's FISTA in numpy, or a memory-lean block coordinate solver, committed only when it
-improves a held-out part of the stream). The error types shared by every part of convexedge live
+the host's FISTA in numpy, a two-array proximal heavy ball or a block coordinate solver, committed
+only when it improves a held-out part of the stream). The error types shared by every part of convexedge live
 here too (:mod:`convexedge.device.errors`).
 """
 
@@ -23,6 +23,7 @@ from convexedge.device.errors import (
 from convexedge.device.fista import FistaConfig
 from convexedge.device.gates import GateSpec, sample_gates
 from convexedge.device.head import ConvexHead
+from convexedge.device.momentum import MomentumConfig
 from convexedge.device.refit import RefitConfig, RefitJob, RefitResult, RefitRuntime
 from convexedge.device.store import HeadStore
 
@@ -38,6 +39,7 @@ __all__ = [
     "FistaConfig",
     "GateSpec",
     "HeadStore",
+    "MomentumConfig",
     "RefitBusyError",
     "RefitConfig",
     "RefitJob",

@@ -7,9 +7,10 @@
     result = job.result()                         # accepted | rejected | cancelled | out_of_budget | failed
 
 A refit snapshots the buffer (in place, no copy), runs the numpy FISTA of
-:mod:`convexedge.device.fista` (or, with ``RefitConfig(solver="bcd")``, the memory-lean block
-coordinate solver of :mod:`convexedge.device.bcd`) warm-started from the serving head, one iteration
-(or one gate) at a time, checking a cancel flag and the deadline in between, then judges the
+:mod:`convexedge.device.fista` (or, with ``RefitConfig(solver="momentum")``, the two-array proximal
+heavy ball of :mod:`convexedge.device.momentum`, or with ``solver="bcd"`` the block coordinate solver
+of :mod:`convexedge.device.bcd`) warm-started from the serving head, one iteration (or one gate) at a
+time, checking a cancel flag and the deadline in between, then judges the
 candidate on the held-out part of the stream (in row chunks, so validation allocates no full
 prediction arrays): it is committed only if its validation loss is lower than the serving head's by
 ``min_improvement`` (relative) *and* it explains the held-out targets with ``R^2 >= min_val_r2``
@@ -36,6 +37,7 @@ from convexedge.device.buffer import BufferConfig, StreamBuffer
 from convexedge.device.errors import ConvergenceWarning, DataError, RefitBusyError
 from convexedge.device.fista import FistaConfig
 from convexedge.device.head import ConvexHead, check_features
+from convexedge.device.momentum import MomentumConfig
 from convexedge.device.store import HeadStore
 from convexedge.device.worker import RefitWorker, solve
 
@@ -44,7 +46,7 @@ __all__ = ["RefitConfig", "RefitJob", "RefitProgress", "RefitResult", "RefitRunt
 logger = logging.getLogger(__name__)
 
 Status = Literal["accepted", "rejected", "cancelled", "out_of_budget", "failed"]
-Solver = Literal["fista", "bcd", "auto"]
+Solver = Literal["fista", "momentum", "bcd", "auto"]
 _MB = 2**20
 _VAL_CHUNK = 32  # rows per chunk when validating and computing masks (bounds their temporaries)
 
@@ -56,10 +58,13 @@ class RefitConfig:
     # Regularisation strength; None: the serving head's own lam.
     lam: float | None = None
     fista: FistaConfig = field(default_factory=FistaConfig)
-    # "fista": accelerated, fewer passes, working set ~12 V + 8 (n, c) images; "bcd": block coordinate
-    # descent over gates (convexedge.device.bcd), working set ~2 V + one (n, c) residual; "auto": bcd
-    # when the buffer keeps rows and FISTA's workspace estimate exceeds auto_workspace_kb, else fista.
+    # "fista": accelerated, working set ~12 V + 8 (n, c) images (rows or Gram mode); "momentum":
+    # proximal heavy ball (convexedge.device.momentum), as fast, working set ~2 V + one row chunk (rows
+    # only); "bcd": block coordinate descent over gates (convexedge.device.bcd), ~2 V + one (n, c)
+    # residual, more passes; "auto": momentum when the buffer keeps rows and FISTA's workspace
+    # estimate exceeds auto_workspace_kb, else fista.
     solver: Solver = "fista"
+    momentum: MomentumConfig = field(default_factory=MomentumConfig)
     bcd: BcdConfig = field(default_factory=BcdConfig)
     auto_workspace_kb: float = 256.0
     # Proximal pull toward the serving head: the refit adds anchor/2 ||V - V_serving||^2 to the
@@ -83,8 +88,10 @@ class RefitConfig:
             raise ValueError(f"fista must be a FistaConfig, got {type(self.fista).__name__}")
         if not isinstance(self.bcd, BcdConfig):
             raise ValueError(f"bcd must be a BcdConfig, got {type(self.bcd).__name__}")
-        if self.solver not in ("fista", "bcd", "auto"):
-            raise ValueError(f"solver must be 'fista', 'bcd' or 'auto', got {self.solver!r}")
+        if not isinstance(self.momentum, MomentumConfig):
+            raise ValueError(f"momentum must be a MomentumConfig, got {type(self.momentum).__name__}")
+        if self.solver not in ("fista", "momentum", "bcd", "auto"):
+            raise ValueError(f"solver must be 'fista', 'momentum', 'bcd' or 'auto', got {self.solver!r}")
         if not (
             isinstance(self.auto_workspace_kb, (int, float))
             and math.isfinite(self.auto_workspace_kb)
@@ -126,7 +133,7 @@ class RefitResult:
         n_train, n_val: samples used.
         seconds: wall time of the whole refit (snapshot to commit); solve_seconds: the solver part.
         slot: the store slot written when accepted.
-        solver: ``"fista"`` or ``"bcd"`` (``iterations`` counts epochs for bcd).
+        solver: ``"fista"``, ``"momentum"`` or ``"bcd"`` (``iterations`` counts epochs for bcd).
     """
 
     status: Status
@@ -283,10 +290,10 @@ class RefitRuntime:
         self.memory_budget_bytes = int(memory_budget_mb * _MB)
         head = self._store.head
         self._d_in, self._c, self._P = head.d_in, head.c, head.P
-        if config.solver == "bcd" and buffer.mode == "gram":
+        if config.solver in ("bcd", "momentum") and buffer.mode == "gram":
             raise ValueError(
-                "solver='bcd' needs the stream's rows, but buffer mode 'gram' keeps only statistics; "
-                "use mode='reservoir' or 'window', or solver='fista' / 'auto'"
+                f"solver={config.solver!r} needs the stream's rows, but buffer mode 'gram' keeps only "
+                "statistics; use mode='reservoir' or 'window', or solver='fista' / 'auto'"
             )
         if buffer.mode != "gram" and buffer.capacity is None:
             buffer = self._fit_capacity(head, buffer)
@@ -325,7 +332,7 @@ class RefitRuntime:
         if buffer.mode == "gram":
             return "fista"
         fista_kb = self._workspace_bytes(head, buffer, n, solver="fista") / 1024
-        return "bcd" if fista_kb > self.config.auto_workspace_kb else "fista"
+        return "momentum" if fista_kb > self.config.auto_workspace_kb else "fista"
 
     def _workspace_bytes(
         self, head: ConvexHead, buffer: BufferConfig, n: int | None = None, solver: str | None = None
@@ -346,6 +353,12 @@ class RefitRuntime:
             # chunks, a few (d, c) block temporaries; the candidate head is counted under "heads",
             # its construction copies V once more
             return 3 * v + 4 * n * c + n * P + 4 * d * P * max(b.rank, 1) + 8 * chunk * c + 32 * d * c + val
+        if solver == "momentum":
+            chunk = min(self.config.momentum.row_chunk, max(1, n))
+            # the iterate and the second array (V each), the masks, one (chunk, P c) chunk and its
+            # float32 masks, a (chunk, c) residual, the power iteration's (n,) vectors and
+            # (chunk, P) arrays; the result's copy back to (P, d, c) once more
+            return 3 * v + n * P + 4 * chunk * (P * c + 3 * P + c) + 8 * n + 4 * d * P + val
         chunk = min(self.config.fista.row_chunk, max(1, n))
         # measured (tracemalloc) on the mcu and phone heads: ~10 V-sized arrays, ~6 (n, c) images,
         # the float32 masks, one chunk workspace; 12 V leaves headroom
@@ -377,7 +390,8 @@ class RefitRuntime:
 
     @property
     def refit_solver(self) -> str:
-        """The solver a refit would use now: ``"fista"`` or ``"bcd"`` (``"auto"`` resolved)."""
+        """The solver a refit would use now: ``"fista"``, ``"momentum"`` or ``"bcd"`` (``"auto"``
+        resolved)."""
         return self._solver_for(self.head, self.buffer.config)
 
     # ------------------------------------------------------------------ serving
@@ -431,7 +445,7 @@ class RefitRuntime:
         finally:
             self._busy.release()
         if res.status in ("accepted", "rejected") and res.iterations and not res.converged:
-            tol = self.config.bcd.tol if res.solver == "bcd" else self.config.fista.tol
+            tol = getattr(self.config, res.solver).tol
             warnings.warn(
                 f"refit stopped before tol={tol:g} (KKT {res.kkt_residual:.2g} after {res.iterations} "
                 f"{'epochs' if res.solver == 'bcd' else 'iterations'}); raise time_budget_s or "
@@ -513,9 +527,9 @@ class RefitRuntime:
                     n_train=snap.n_train, n_val=n_val, seconds=time.perf_counter() - t0,
                 )  # fmt: skip
             lam = head.lam if cfg.lam is None else float(cfg.lam)
-            fcfg: FistaConfig | BcdConfig = cfg.fista
-            if solver == "bcd":
-                fcfg = cfg.bcd
+            fcfg: FistaConfig | BcdConfig | MomentumConfig = cfg.fista
+            if solver in ("bcd", "momentum"):
+                fcfg = getattr(cfg, solver)
             elif cfg.fista.step_init is None and self._last_step is not None:
                 fcfg = FistaConfig(**{**asdict(cfg.fista), "step_init": self._last_step})
             deadline = t0 + time_budget_s

@@ -63,8 +63,15 @@ def solve(
     is a :func:`time.perf_counter` value; ``on_iter(iteration, objective, kkt)`` runs after every
     iteration (an exception there ends the solve and propagates).
     """
-    if not isinstance(config, FistaConfig):  # a BcdConfig: the block coordinate solver (rows only)
+    if not isinstance(config, FistaConfig):  # the row-only solvers, by their config's type
         from convexedge.device.bcd import bcd_solve
+        from convexedge.device.momentum import MomentumConfig, momentum_solve
+
+        if isinstance(config, MomentumConfig):
+            return momentum_solve(
+                train, V0, lam, config, group, anchor_mu=anchor_mu,  # type: ignore[arg-type]
+                should_stop=should_stop, deadline=deadline, on_iter=on_iter,
+            )  # fmt: skip
 
         return bcd_solve(
             train, V0, lam, config, group, anchor_mu=anchor_mu,  # type: ignore[arg-type]

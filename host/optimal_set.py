@@ -154,7 +154,9 @@ def _directions_and_blocks(p64: GatedProblem, rho: torch.Tensor, groups: list):
         return torch.zeros(shape, dtype=torch.float64), []
     if p64.group == "gate":
         dirs = torch.stack([C[g] / torch.linalg.vector_norm(C[g]) for g in groups])
-        cols = torch.stack([((Z @ s) * M[:, g, None]).reshape(-1) for g, s in zip(groups, dirs)], dim=1)
+        cols = torch.stack(
+            [((Z @ s) * M[:, g, None]).reshape(-1) for g, s in zip(groups, dirs, strict=True)], dim=1
+        )
         return dirs, [(np.arange(len(groups)), cols.numpy())]
     dirs = torch.stack([C[i, :, j] / torch.linalg.vector_norm(C[i, :, j]) for i, j in groups])
     blocks = []

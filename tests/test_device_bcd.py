@@ -241,12 +241,12 @@ def test_runtime_refits_with_bcd_like_with_fista(executor):
     assert abs(fa - fb) <= 1e-3 * fa
 
 
-def test_auto_picks_bcd_for_a_small_workspace_and_fista_for_gram():
+def test_auto_picks_momentum_for_a_small_workspace_and_fista_for_gram():
     buf = BufferConfig(capacity=512, val_capacity=128)
     small = RefitRuntime(
         _head(), memory_budget_mb=8, buffer=buf, config=RefitConfig(solver="auto", auto_workspace_kb=1)
     )
-    assert small.refit_solver == "bcd"
+    assert small.refit_solver == "momentum"
     big = RefitRuntime(_head(), memory_budget_mb=8, buffer=buf, config=RefitConfig(solver="auto"))
     assert big.refit_solver == "fista"
     gram = RefitRuntime(
@@ -254,7 +254,11 @@ def test_auto_picks_bcd_for_a_small_workspace_and_fista_for_gram():
         config=RefitConfig(solver="auto", auto_workspace_kb=1),
     )  # fmt: skip
     assert gram.refit_solver == "fista"
-    # bcd's workspace estimate is far below FISTA's
+    # the lean solvers' workspace estimates are far below FISTA's
+    for lean in ("momentum", "bcd"):
+        rt = RefitRuntime(_head(), memory_budget_mb=8, buffer=buf, config=RefitConfig(solver=lean))
+        assert rt.refit_solver == lean
+        assert rt.memory_bytes()["refit_workspace"] < big.memory_bytes()["refit_workspace"] / 2
     assert small.memory_bytes()["refit_workspace"] < big.memory_bytes()["refit_workspace"] / 2
     with pytest.raises(ValueError, match="solver='bcd' needs the stream's rows"):
         RefitRuntime(

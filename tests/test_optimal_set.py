@@ -124,7 +124,6 @@ def test_describe_optimal_set_contains_pruned_points():
         describe_optimal_set(prob, res, etol=2.0)
 
 
-
 def test_gate_output_constraints_equal_the_dense_column_matrix():
     """Per output the reduced rows are built block by block; they must span the same constraints
     as the dense (n c, |E|) matrix of columns (A_eq^T A_eq = cols^T cols, same rank)."""
@@ -142,6 +141,7 @@ def test_gate_output_constraints_equal_the_dense_column_matrix():
     np.testing.assert_allclose(opt.A_eq.T @ opt.A_eq, cols.T @ cols, atol=1e-9)
     assert opt.rank == np.linalg.matrix_rank(cols, tol=1e-9 * np.linalg.norm(cols, 2))
     assert opt.contains(opt.alpha)
+
 
 @pytest.mark.parametrize("group", ["gate", "gate_output"])
 def test_sensitivity_matches_finite_differences(group):
