@@ -357,8 +357,8 @@ class RefitRuntime:
             chunk = min(self.config.momentum.row_chunk, max(1, n))
             # the iterate and the second array (V each), the masks, one (chunk, P c) chunk and its
             # float32 masks, a (chunk, c) residual, the power iteration's (n,) vectors and
-            # (chunk, P) arrays; the result's copy back to (P, d, c) once more
-            return 3 * v + n * P + 4 * chunk * (P * c + 3 * P + c) + 8 * n + 4 * d * P + val
+            # (256, P) arrays; the result's copy back to (P, d, c) once more
+            return 3 * v + n * P + 4 * chunk * (P * c + P + c) + 8 * n + 4 * d * P + 8 * 256 * P + val
         chunk = min(self.config.fista.row_chunk, max(1, n))
         # measured (tracemalloc) on the mcu and phone heads: ~10 V-sized arrays, ~6 (n, c) images,
         # the float32 masks, one chunk workspace; 12 V leaves headroom
