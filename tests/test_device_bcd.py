@@ -7,10 +7,14 @@ import tracemalloc
 
 import numpy as np
 import pytest
+from device_problems import gated_rows as _problem
+from device_problems import linear_stream as _stream
+from device_problems import objective as _objective
+from device_problems import small_head as _head
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from convexedge.device import BcdConfig, BufferConfig, ConvexHead, GateSpec, RefitConfig, RefitRuntime
+from convexedge.device import BcdConfig, BufferConfig, RefitConfig, RefitRuntime
 from convexedge.device.bcd import (
     _metric_prox_step,
     bcd_block_step_,
@@ -22,31 +26,6 @@ from convexedge.device.bcd import (
 )
 from convexedge.device.fista import FistaConfig, RowData, kkt_residual, make_operator
 from convexedge.device.worker import solve
-
-
-def _problem(seed=0, n=300, d_in=6, P=4, c=2, group="gate"):
-    rng = np.random.default_rng(seed)
-    Z = rng.standard_normal((n, d_in)).astype(np.float32)
-    G = rng.standard_normal((d_in + 1, P)).astype(np.float32)
-    G[:, 0] = 0  # gate 0: the linear path
-    Y = (np.maximum(Z[:, :c] * 2, 0) + 0.1 * rng.standard_normal((n, c))).astype(np.float32)
-    M = (Z @ G[:-1] + G[-1]) >= 0
-    return RowData(Z, Y, M, group)
-
-
-def _objective(data, V, lam, anchor=None, mu=0.0):
-    """F(V) in float64, straight from the definition (an oracle independent of the solver)."""
-    Z1 = np.concatenate([data.Z, np.ones((data.n, 1), np.float32)], axis=1).astype(np.float64)
-    pred = sum(data.masks[:, [i]] * (Z1 @ V[i].astype(np.float64)) for i in range(V.shape[0]))
-    r = pred - data.Y
-    f = float((r * r).sum()) / (2 * data.n)
-    if data.group == "gate":
-        f += lam * float(np.sqrt((V.astype(np.float64) ** 2).sum(axis=(1, 2))).sum())
-    else:
-        f += lam * float(np.sqrt((V.astype(np.float64) ** 2).sum(axis=1)).sum())
-    if anchor is not None:
-        f += 0.5 * mu * float(((V - anchor).astype(np.float64) ** 2).sum())
-    return f
 
 
 @pytest.mark.parametrize("group", ["gate", "gate_output"])
@@ -207,21 +186,6 @@ def test_working_set_of_an_mcu_sized_solve_is_below_128_kb():
     finally:
         tracemalloc.stop()
     assert fista_peak > 3 * peak
-
-
-D_IN, P_H, C_H = 16, 4, 3
-
-
-def _head():
-    return ConvexHead(
-        V=np.zeros((P_H, D_IN + 1, C_H), np.float32), gate_spec=GateSpec(d=D_IN + 1, P=P_H), lam=1e-3
-    )
-
-
-def _stream(n, seed):
-    x = np.random.default_rng(seed).standard_normal((n, D_IN)).astype(np.float32)
-    W = np.random.default_rng(42).standard_normal((D_IN, C_H)).astype(np.float32)
-    return x, (x @ W + 0.5 * np.maximum(x[:, :1], 0)).astype(np.float32)
 
 
 @pytest.mark.parametrize("executor", ["thread", "process"])

@@ -6,34 +6,17 @@ import tracemalloc
 
 import numpy as np
 import pytest
+from device_problems import gated_rows as _problem
+from device_problems import linear_stream as _stream
+from device_problems import objective as _objective
+from device_problems import small_head as _head
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from convexedge.device import BufferConfig, ConvexHead, GateSpec, MomentumConfig, RefitConfig, RefitRuntime
+from convexedge.device import BufferConfig, MomentumConfig, RefitConfig, RefitRuntime
 from convexedge.device.fista import FistaConfig, RowData, kkt_residual, make_operator
 from convexedge.device.momentum import lipschitz, momentum_solve
 from convexedge.device.worker import solve
-
-
-def _problem(seed=0, n=300, d_in=6, P=4, c=2, group="gate"):
-    rng = np.random.default_rng(seed)
-    Z = rng.standard_normal((n, d_in)).astype(np.float32)
-    G = rng.standard_normal((d_in + 1, P)).astype(np.float32)
-    G[:, 0] = 0  # gate 0: the linear path
-    Y = (np.maximum(Z[:, :c] * 2, 0) + 0.1 * rng.standard_normal((n, c))).astype(np.float32)
-    return RowData(Z, Y, (Z @ G[:-1] + G[-1]) >= 0, group)
-
-
-def _objective(data, V, lam, anchor=None, mu=0.0):
-    """F(V) in float64 from the definition (independent of every solver)."""
-    Z1 = np.concatenate([data.Z, np.ones((data.n, 1), np.float32)], axis=1).astype(np.float64)
-    pred = sum(data.masks[:, [i]] * (Z1 @ V[i].astype(np.float64)) for i in range(V.shape[0]))
-    f = float(((pred - data.Y) ** 2).sum()) / (2 * data.n)
-    axis = (1, 2) if data.group == "gate" else 1
-    f += lam * float(np.sqrt((V.astype(np.float64) ** 2).sum(axis=axis)).sum())
-    if anchor is not None:
-        f += 0.5 * mu * float(((V - anchor).astype(np.float64) ** 2).sum())
-    return f
 
 
 def _certified(data, out, lam, tol, group, V0=None, mu=0.0):
@@ -142,21 +125,6 @@ def test_working_set_of_an_mcu_sized_solve_is_two_v_sized_arrays():
     chunk = cfg.row_chunk * P * c * 4
     assert peaks["momentum"] < 2 * v + chunk + 24 * 1024, f"{peaks['momentum'] / 1024:.1f} KB"
     assert peaks["fista"] > 3 * peaks["momentum"]
-
-
-D_IN, P_H, C_H = 16, 4, 3
-
-
-def _head():
-    return ConvexHead(
-        V=np.zeros((P_H, D_IN + 1, C_H), np.float32), gate_spec=GateSpec(d=D_IN + 1, P=P_H), lam=1e-3
-    )
-
-
-def _stream(n, seed):
-    x = np.random.default_rng(seed).standard_normal((n, D_IN)).astype(np.float32)
-    W = np.random.default_rng(42).standard_normal((D_IN, C_H)).astype(np.float32)
-    return x, (x @ W + 0.5 * np.maximum(x[:, :1], 0)).astype(np.float32)
 
 
 @pytest.mark.parametrize("executor", ["thread", "process"])
