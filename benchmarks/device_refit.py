@@ -85,6 +85,10 @@ def _contrast(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 # The anchor is chosen on this shift, which is not among the reported ones (--anchor auto).
 CALIBRATION_SHIFT = ("contrast", _contrast)
 ANCHOR_GRID = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0)
+# RefitConfig.lam as a multiple of the head's own lam (the group-lasso weight of the clean fit): with
+# the anchor already pulling toward the serving head, the clean fit's shrinkage toward zero can be
+# too strong for a refit
+LAM_SCALE_GRID = (0.0, 0.1, 1.0)
 
 
 def corruptions() -> tuple[dict, list[str]]:
@@ -170,6 +174,7 @@ def _runtime(
     budget_mb: float = 16.0,
     executor: str = "thread",
     solver: str = "fista",
+    lam: float | None = None,
 ) -> RefitRuntime:
     src = HeadStore.create(workdir, head) if workdir is not None else head
     return RefitRuntime(
@@ -182,6 +187,7 @@ def _runtime(
             momentum=MomentumConfig(tol=1e-3, max_iter=2000),
             solver=solver,  # type: ignore[arg-type]
             anchor=anchor,
+            lam=lam,
         ),
         executor=executor,  # type: ignore[arg-type]
     )
@@ -234,8 +240,8 @@ def main(argv: list[str] | None = None) -> dict:
         "--anchor",
         default="auto",
         help="RefitConfig.anchor per head, name=value[,name=value] (pull toward the serving head); "
-        "'auto': per head, the grid value with the best top-1 after a refit on the calibration shift "
-        "(contrast, not one of the reported shifts)",
+        "'auto': per head, the (anchor, lam scale) of the grid with the best top-1 after a refit on "
+        "the calibration shift (contrast, not one of the reported shifts)",
     )
     parser.add_argument("--repeats", type=int, default=None, help="timed refits per head and shift")
     parser.add_argument(
@@ -258,6 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     auto_anchor = args.anchor == "auto"
     anchors: dict[str, float] = {}
+    lams: dict[str, float | None] = {}  # RefitConfig.lam per head (None: the head's own)
     if not auto_anchor:
         anchors = {k: float(v) for k, v in (kv.split("=") for kv in args.anchor.split(","))}
     solvers = {k: v for k, v in (kv.split("=") for kv in args.solver.split(","))}
@@ -316,18 +323,21 @@ def main(argv: list[str] | None = None) -> dict:
             g = HEAD_PRESETS[hname].grid
             before = _acc(head.predict(cev_f[g]), eval_y)
             for a in ANCHOR_GRID:
-                rt = _runtime(head, None, a, solver=solvers.get(hname, "fista"))
-                _feed(rt, cst_f[g], cst_l)
-                res = rt.refit(time_budget_s=args.time_budget)
-                after = _acc(rt.predict(cev_f[g]), eval_y)
-                anchor_sweep.setdefault(hname, []).append(
-                    {"anchor": a, "status": res.status, "before": before, "after": after}
-                )
-            best = max(anchor_sweep[hname], key=lambda r: (r["after"], r["anchor"]))
+                for scale in LAM_SCALE_GRID:
+                    rt = _runtime(head, None, a, solver=solvers.get(hname, "fista"), lam=scale * head.lam)
+                    _feed(rt, cst_f[g], cst_l)
+                    res = rt.refit(time_budget_s=args.time_budget)
+                    after = _acc(rt.predict(cev_f[g]), eval_y)
+                    anchor_sweep.setdefault(hname, []).append(
+                        {"anchor": a, "lam_scale": scale, "status": res.status, "before": before,
+                         "after": after}
+                    )  # fmt: skip
+            # ties go to the stronger pull toward the serving head, then to the larger lam
+            best = max(anchor_sweep[hname], key=lambda r: (r["after"], r["anchor"], r["lam_scale"]))
             anchors[hname] = best["anchor"]
-            grid = [round(r["after"], 3) for r in anchor_sweep[hname]]
-            print(f"{hname}: anchor {best['anchor']:g} chosen on {cname} "
-                  f"({before:.3f} -> {best['after']:.3f}; top-1 over the grid {grid})")  # fmt: skip
+            lams[hname] = best["lam_scale"] * head.lam
+            print(f"{hname}: anchor {best['anchor']:g}, lam x{best['lam_scale']:g} chosen on {cname} "
+                  f"({before:.3f} -> {best['after']:.3f} top-1)")  # fmt: skip
 
     shifts, skipped = corruptions()
     rng = np.random.default_rng(0)
@@ -347,7 +357,9 @@ def main(argv: list[str] | None = None) -> dict:
             before = _acc(before_logits, eval_y)
             times, iters, res, rt = [], [], None, None
             for _ in range(repeats):
-                rt = _runtime(head, None, anchors[hname], solver=solvers.get(hname, "fista"))
+                rt = _runtime(
+                    head, None, anchors[hname], solver=solvers.get(hname, "fista"), lam=lams.get(hname)
+                )
                 _feed(rt, st_f[g], st_l)
                 res = rt.refit(time_budget_s=args.time_budget)
                 statuses.append(res.status)
@@ -364,7 +376,7 @@ def main(argv: list[str] | None = None) -> dict:
             frac = (after - before) / opened if opened > 0.01 else None
             refit_ms[hname].append(float(np.median(times)))
             # extra memory of one refit (tracemalloc slows allocation, so a separate, untimed run)
-            rt = _runtime(head, None, anchors[hname], solver=solvers.get(hname, "fista"))
+            rt = _runtime(head, None, anchors[hname], solver=solvers.get(hname, "fista"), lam=lams.get(hname))
             _feed(rt, st_f[g], st_l)
             tracemalloc.start()
             base = tracemalloc.get_traced_memory()[0]
@@ -397,7 +409,7 @@ def main(argv: list[str] | None = None) -> dict:
             with tempfile.TemporaryDirectory() as tmp:
                 rt = _runtime(
                     head, Path(tmp) / "heads", anchors[hname], executor=executor,
-                    solver=solvers.get(hname, "fista"),
+                    solver=solvers.get(hname, "fista"), lam=lams.get(hname),
                 )  # fmt: skip
                 _feed(rt, st_f[g], st_l)
                 if executor == "process":  # let the worker's interpreter finish booting
@@ -421,7 +433,7 @@ def main(argv: list[str] | None = None) -> dict:
     poison = {}
     for hname, head in heads.items():
         g = HEAD_PRESETS[hname].grid
-        rt = _runtime(head, None, anchors[hname], solver=solvers.get(hname, "fista"))
+        rt = _runtime(head, None, anchors[hname], solver=solvers.get(hname, "fista"), lam=lams.get(hname))
         garbage = np.random.default_rng(2).normal(0, st_l.std(), st_l.shape).astype(np.float32)
         _feed(rt, st_f[g], garbage)
         poison[hname] = rt.refit(time_budget_s=args.time_budget).status
@@ -495,13 +507,14 @@ def main(argv: list[str] | None = None) -> dict:
             "head_fit_images": int(len(train_x)),
             "anchor": anchors,
             "anchor_choice": (
-                "anchor/2 ||V - V_serving||^2 added to every refit; per head, the value of "
-                f"{list(ANCHOR_GRID)} with the best top-1 after one refit on the calibration shift "
-                f"({CALIBRATION_SHIFT[0]}, "
+                "anchor/2 ||V - V_serving||^2 added to every refit; per head, the pair of anchor in "
+                f"{list(ANCHOR_GRID)} and RefitConfig.lam = head lam x {list(LAM_SCALE_GRID)} with the "
+                f"best top-1 after one refit on the calibration shift ({CALIBRATION_SHIFT[0]}, "
                 "not a reported shift; its evaluation images' labels are read for the choice)"
                 if auto_anchor
                 else "given on the command line (--anchor)"
             ),
+            "lam": lams,
             "anchor_sweep": anchor_sweep,
             "executor_timed": "thread (solve in the calling thread, one BLAS thread)",
             "executor_latency": "process (persistent spawned worker; the parent only validates and commits)",
