@@ -27,12 +27,14 @@ Deliberate departures, each marked in the code:
 
 * Polyak's constants lie outside iPiano's proven range (``s < 2 (1 - beta) / L``). Safeguard: when
   ``F(V_k) > F(V_{k-1})`` the next step is a plain proximal gradient step (``beta = 0``, ``s = 1/L``,
-  which cannot increase ``F``); after ``max_restarts`` of those the solver switches for good to
-  ``beta = 0.4, s = 1/L``, inside iPiano's convergence guarantee.
+  which cannot increase ``F`` as long as ``L`` bounds the true constant: hence ``safety``); after
+  ``max_restarts`` of those the solver switches for good to ``beta = 0.4, s = 1/L``, inside
+  iPiano's convergence guarantee.
 * Stopping uses the exact relative KKT residual of :func:`convexedge.device.fista.kkt_residual`, but
   only at *check* steps: a heavy-ball step never holds ``grad f(V_k)`` on its own (it is added into
-  the momentum array). When the cheap fixed-point residual ``||V_{k+1} - V_k|| / s`` falls to ``tol``
-  (relative to ``||grad f(0)||``), the next step is a check step: the other array is zeroed, the pass
+  the momentum array). When the cheap fixed-point residual ``||V_{k+1} - V_k|| / s`` falls to
+  ``check_factor * tol`` (relative to ``||grad f(0)||``; it runs a few times above the KKT residual),
+  the next step is a check step: the other array is zeroed, the pass
   accumulates the bare gradient, the exact KKT residual at ``V_k`` is computed, and the step is
   completed as a plain proximal gradient step (so a check costs no extra pass, only one step's
   momentum). The solve stops when a check passes.
