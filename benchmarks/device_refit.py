@@ -7,7 +7,9 @@ on the device, in chunks of 64, and refits through ``convexedge.device.RefitRunt
 refit wall time and iterations on 1,024 samples (warm start, one thread), extra memory during the
 refit (tracemalloc peak), accuracy before/after on held-out shifted test images, the fraction of
 the teacher-student gap the shift opened that the refit closed, predict p50/p99 latency while a
-refit runs in the background vs idle, and every refit's status.
+refit runs in the background vs idle, and every refit's status. With ``--anchor auto`` (the default)
+the refits' anchor and lam are chosen per head on a calibration shift (contrast), which is not one of
+the reported shifts.
 
 Stream vs evaluation images: evaluation uses the corrupted *test* images (never streamed); the
 stream uses corrupted images that are not in the evaluation set (test images beyond the evaluation
