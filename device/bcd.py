@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from convexedge.device.fista import Group, RowData
-from convexedge.device.worker import SolveOutcome
+from convexedge.device.worker import SolveOutcome, check_solve_inputs
 
 __all__ = [
     "BcdConfig",
@@ -369,13 +369,7 @@ def bcd_init(
         ValueError: ``V0`` or ``anchor`` has the wrong shape, ``lam`` or ``mu`` is negative.
     """
     P, d, c = data.shape
-    if not (math.isfinite(lam) and lam >= 0):
-        raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
-    if not (math.isfinite(mu) and mu >= 0):
-        raise ValueError(f"mu must be a finite number >= 0, got {mu!r}")
-    for name, a in (("V0", V0), ("anchor", anchor)):
-        if a is not None and tuple(a.shape) != (P, d, c):
-            raise ValueError(f"{name} must have shape (P, d, c) = {(P, d, c)}, got {a.shape}")
+    check_solve_inputs((P, d, c), lam, mu, V0=V0, anchor=anchor)
     if anchor is None or mu == 0:
         anchor, mu = None, 0.0
     n = data.Z.shape[0]

@@ -57,7 +57,7 @@ import numpy as np
 from scipy.linalg import blas
 
 from convexedge.device.fista import Group, RowData
-from convexedge.device.worker import SolveOutcome
+from convexedge.device.worker import SolveOutcome, check_solve_inputs
 
 __all__ = ["MomentumConfig", "lipschitz", "momentum_solve"]
 
@@ -296,12 +296,7 @@ def momentum_solve(
     if grp not in ("gate", "gate_output"):
         raise ValueError(f"group must be 'gate' or 'gate_output', got {grp!r}")
     P, d, c = train.shape
-    if tuple(V0.shape) != (P, d, c):
-        raise ValueError(f"V0 must have shape (P, d, c) = {(P, d, c)}, got {V0.shape}")
-    if not (math.isfinite(lam) and lam >= 0):
-        raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
-    if not (math.isfinite(anchor_mu) and anchor_mu >= 0):
-        raise ValueError(f"anchor_mu must be a finite number >= 0, got {anchor_mu!r}")
+    check_solve_inputs((P, d, c), lam, anchor_mu, "anchor_mu", V0=V0)
     n = train.n
     mu = float(anchor_mu)
     ref = V0.transpose(1, 0, 2) if mu > 0 else None  # a view: (d, P, c)
@@ -309,6 +304,8 @@ def momentum_solve(
     # L first, before the solver's arrays exist: its temporaries then never add to theirs, so it can
     # take larger row chunks ((rows, P) arrays: 8 KB each at 256 rows and P = 8)
     L = config.safety * lipschitz(train, config.power_iters, max(chunk, 256)) + mu
+    if L <= 0:  # no data signal at all (every mask empty and no anchor)
+        L = 1.0
     flat = np.empty(max(chunk * P * c, d * c), np.float32)
     T = flat[: chunk * P * c].reshape(chunk, P * c)  # one row chunk's (rows, P c) image
     w = flat[: d * c].reshape(d, c)  # scratch of one gate slice (T is idle between passes)
@@ -319,8 +316,6 @@ def momentum_solve(
     b = np.zeros_like(x)  # V_{k-1}, then the next iterate under construction
     _accumulate(train, None, b, 1.0 / n, T, Rb)  # b = -(1/n) A^T Y = grad f(0) of the loss
     g0 = float(np.linalg.norm(_norms(b, grp)))
-    if L <= 0:  # no data signal at all (every mask empty and no anchor)
-        L = 1.0
     m = mu if mu > 0 else L / config.max_condition
     sq_kappa = math.sqrt(L / m)
     s_fast = 4.0 / (math.sqrt(L) + math.sqrt(m)) ** 2  # Polyak's constants (outside iPiano's range)

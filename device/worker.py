@@ -11,6 +11,7 @@ validation and the atomic commit stay in the parent, so the semantics of a refit
 
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
 import threading
 import time
@@ -30,7 +31,7 @@ from convexedge.device.fista import (
     make_operator,
 )
 
-__all__ = ["RefitWorker", "SolveOutcome", "solve"]
+__all__ = ["RefitWorker", "SolveOutcome", "check_solve_inputs", "solve"]
 
 
 class SolveOutcome(NamedTuple):
@@ -43,6 +44,23 @@ class SolveOutcome(NamedTuple):
     step: float
     cancelled: bool
     seconds: float
+
+
+def check_solve_inputs(
+    shape: tuple[int, int, int], lam: float, mu: float, mu_name: str = "mu", **arrays: np.ndarray | None
+) -> None:
+    """The checks every row solver makes on entry: ``lam`` and the anchor weight ``mu`` (reported as
+    ``mu_name``) finite and ``>= 0``, and each named array (None: absent) of shape ``(P, d, c)``.
+
+    Raises:
+        ValueError: naming the first argument that fails.
+    """
+    for name, a in arrays.items():
+        if a is not None and tuple(a.shape) != shape:
+            raise ValueError(f"{name} must have shape (P, d, c) = {shape}, got {a.shape}")
+    for name, v in (("lam", lam), (mu_name, mu)):
+        if not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
 
 
 def solve(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from convexedge.device import ConvexHead, GateSpec
-from convexedge.device.fista import RowData
+from convexedge.device.fista import FistaConfig, RowData, kkt_residual, make_operator
 
 D_IN, P_H, C_H = 16, 4, 3
 
@@ -43,3 +43,11 @@ def linear_stream(n, seed):
     x = np.random.default_rng(seed).standard_normal((n, D_IN)).astype(np.float32)
     W = np.random.default_rng(42).standard_normal((D_IN, C_H)).astype(np.float32)
     return x, (x @ W + 0.5 * np.maximum(x[:, :1], 0)).astype(np.float32)
+
+
+def certified(data: RowData, out, lam, tol, group, V0=None, mu=0.0) -> bool:
+    """Whether the device FISTA module's KKT residual, computed independently at a solver's answer
+    ``out.x``, meets ``tol`` (1% slack for float32 rounding)."""
+    op = make_operator(data, FistaConfig(), anchor=V0, mu=mu)
+    grad = op.full_grad(out.x, op.image(out.x))
+    return kkt_residual(op, out.x, lam, grad, group) <= 1.01 * tol

@@ -6,6 +6,7 @@ import tracemalloc
 
 import numpy as np
 import pytest
+from device_problems import certified as _certified
 from device_problems import gated_rows as _problem
 from device_problems import linear_stream as _stream
 from device_problems import objective as _objective
@@ -14,16 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from convexedge.device import BufferConfig, MomentumConfig, RefitConfig, RefitRuntime
-from convexedge.device.fista import FistaConfig, RowData, kkt_residual, make_operator
+from convexedge.device.fista import FistaConfig, RowData
 from convexedge.device.momentum import lipschitz, momentum_solve
 from convexedge.device.worker import solve
-
-
-def _certified(data, out, lam, tol, group, V0=None, mu=0.0):
-    """The FISTA module's KKT residual at the returned point, computed independently."""
-    op = make_operator(data, FistaConfig(), anchor=V0, mu=mu)
-    grad = op.full_grad(out.x, op.image(out.x))
-    return kkt_residual(op, out.x, lam, grad, group) <= 1.01 * tol
 
 
 @pytest.mark.parametrize("group", ["gate", "gate_output"])
