@@ -19,7 +19,7 @@ import numpy as np
 
 from convexedge.device.errors import DataError
 
-__all__ = ["ImageSet", "load_images", "normalize_images"]
+__all__ = ["ImageSet", "load_images", "normalize_images", "random_crop_flip"]
 
 log = logging.getLogger(__name__)
 
@@ -131,3 +131,17 @@ def normalize_images(x: np.ndarray, mean: list[float], std: list[float]) -> np.n
     m = np.asarray(mean, np.float32).reshape(1, 3, 1, 1)
     s = np.asarray(std, np.float32).reshape(1, 3, 1, 1)
     return (x.transpose(0, 3, 1, 2).astype(np.float32) / 255.0 - m) / s
+
+
+def random_crop_flip(x: np.ndarray, rng: np.random.Generator, pad: int = 4) -> np.ndarray:
+    """The standard CIFAR augmentation: a random crop of the ``pad``-pixel zero-padded image and a
+    random horizontal flip, per image; (B, H, W, 3) uint8 in and out."""
+    b, h, w, _ = x.shape
+    padded = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    out = np.empty_like(x)
+    dy, dx = rng.integers(0, 2 * pad + 1, size=(2, b))
+    flip = rng.random(b) < 0.5
+    for i in range(b):
+        crop = padded[i, dy[i] : dy[i] + h, dx[i] : dx[i] + w]
+        out[i] = crop[:, ::-1] if flip[i] else crop
+    return out

@@ -30,6 +30,7 @@ from torch import nn
 
 from convexedge.device.errors import DataError
 from convexedge.host.baselines import set_cosine_lr
+from convexedge.host.data import random_crop_flip
 
 __all__ = ["KDConfig", "KDResult", "kd_finetune", "kd_loss"]
 
@@ -84,18 +85,6 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     log_p_s = F.log_softmax(student_logits / t, dim=1)
     log_p_t = F.log_softmax(teacher_logits / t, dim=1)
     return (t * t) * F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
-
-
-def _augment(x: np.ndarray, rng: np.random.Generator, pad: int = 4) -> np.ndarray:
-    b, h, w, _ = x.shape
-    padded = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    dy, dx = rng.integers(0, 2 * pad + 1, size=(2, b))
-    flip = rng.random(b) < 0.5
-    out = np.empty_like(x)
-    for i in range(b):
-        crop = padded[i, dy[i] : dy[i] + h, dx[i] : dx[i] + w]
-        out[i] = crop[:, ::-1] if flip[i] else crop
-    return out
 
 
 @torch.no_grad()
@@ -163,7 +152,7 @@ def kd_finetune(
             idx = order[s : s + bs]
             xb = images[idx]
             if config.augment:
-                xb = _augment(xb, rng)
+                xb = random_crop_flip(xb, rng)
             xt = torch.from_numpy(transform(xb)).to(dev)
             set_cosine_lr(opt, config.lr, t0, config.time_budget_s, steps, total)
             with torch.no_grad():

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from convexedge.host.data import normalize_images, random_crop_flip
 from convexedge.models.resnet18_cifar import (
     RESNET18_MANIFEST,
     RESNET18_WEIGHTS,
@@ -92,23 +93,8 @@ def load_training_images(shared: Path = SHARED) -> tuple[np.ndarray, np.ndarray]
     return np.concatenate(xs), np.concatenate(ys)
 
 
-def _augment(x: np.ndarray, rng: np.random.Generator, pad: int) -> np.ndarray:
-    """Random crop from the zero-padded image and random horizontal flip; (B, H, W, 3) uint8."""
-    b, h, w, _ = x.shape
-    padded = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    out = np.empty_like(x)
-    dy, dx = rng.integers(0, 2 * pad + 1, size=(2, b))
-    flip = rng.random(b) < 0.5
-    for i in range(b):
-        crop = padded[i, dy[i] : dy[i] + h, dx[i] : dx[i] + w]
-        out[i] = crop[:, ::-1] if flip[i] else crop
-    return out
-
-
 def _to_tensor(x: np.ndarray) -> torch.Tensor:
-    m = np.asarray(MEAN, np.float32).reshape(1, 3, 1, 1)
-    s = np.asarray(STD, np.float32).reshape(1, 3, 1, 1)
-    return torch.from_numpy((x.transpose(0, 3, 1, 2).astype(np.float32) / 255.0 - m) / s)
+    return torch.from_numpy(normalize_images(x, MEAN, STD))
 
 
 @torch.no_grad()
@@ -146,7 +132,7 @@ def train_resnet18(
         if len(order) < recipe.batch_size:
             order = np.concatenate([order, rng.permutation(len(x))])
         idx, order = order[: recipe.batch_size], order[recipe.batch_size :]
-        xb = _to_tensor(_augment(x[idx], rng, recipe.pad))
+        xb = _to_tensor(random_crop_flip(x[idx], rng, recipe.pad))
         yb = torch.from_numpy(y[idx])
         for group in opt.param_groups:
             group["lr"] = recipe.lr_at(step)

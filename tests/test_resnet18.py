@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from convexedge.device.errors import ArtifactError
+from convexedge.host.data import random_crop_flip
 from convexedge.models.resnet18_cifar import load_resnet18, resnet18_cifar, save_resnet18
-from convexedge.models.train_resnet18 import TrainRecipe, _augment, train_resnet18
+from convexedge.models.train_resnet18 import TrainRecipe, train_resnet18
 
 
 def test_cifar_stem_and_stage_shapes():
@@ -63,7 +64,7 @@ def test_lr_schedule_warmup_then_cosine_to_zero():
 def test_augment_is_a_crop_of_the_padded_image_or_its_flip():
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, size=(16, 32, 32, 3), dtype=np.uint8)
-    out = _augment(x, np.random.default_rng(1), pad=4)
+    out = random_crop_flip(x, np.random.default_rng(1), pad=4)
     assert out.shape == x.shape and out.dtype == np.uint8
     padded = np.pad(x, ((0, 0), (4, 4), (4, 4), (0, 0)))
     for i in range(16):
