@@ -378,18 +378,6 @@ def resolve_model(name: str, weights: str | None = None) -> TeacherSpec:
     return TeacherSpec(model.eval(), mean, std, {"factory": name, "architecture": "factory"})
 
 
-@torch.no_grad()
-def _logits(
-    model: torch.nn.Module, images: np.ndarray, transform, device: str, batch: int = 250
-) -> np.ndarray:
-    model.eval().to(device)
-    out = [
-        model(torch.from_numpy(transform(images[s : s + batch])).to(device)).float().cpu().numpy()
-        for s in range(0, len(images), batch)
-    ]
-    return np.concatenate(out)
-
-
 def _check_chain(
     teacher: torch.nn.Module, span: list[str], images: np.ndarray, transform, device: str
 ) -> None:
@@ -397,11 +385,13 @@ def _check_chain(
     import copy
 
     from convexedge.host.distill import span_module, swap_span_
+    from convexedge.host.evaluate import predict_logits
 
     if len(span) == 1:
         return
     probe = swap_span_(copy.deepcopy(teacher), span, copy.deepcopy(span_module(teacher, span)))
-    a, b = _logits(teacher, images, transform, device), _logits(probe, images, transform, device)
+    a = predict_logits(teacher, images, transform, batch_size=250, device=device)
+    b = predict_logits(probe, images, transform, batch_size=250, device=device)
     if not np.allclose(a, b, rtol=1e-4, atol=1e-4):
         raise DataError(
             f"span {span} is not a sequential chain in the model's forward (replacing it by its modules "
@@ -443,7 +433,7 @@ def run_pipeline(opt: PipelineOptions) -> dict:
         span_module,
         swap_span_,
     )
-    from convexedge.host.evaluate import count_macs, count_parameters, top1
+    from convexedge.host.evaluate import count_macs, count_parameters, predict_logits, top1
     from convexedge.host.solvers import FistaConfig
     from convexedge.host.students import GatedConvStudent
     from convexedge.models import BUNDLED_DATA_DIR
@@ -460,7 +450,7 @@ def run_pipeline(opt: PipelineOptions) -> dict:
         return normalize_images(x, spec.mean, spec.std)
 
     train = load_images(data_dir, "train", labels=False)  # never the labels on this path
-    probe_logits = _logits(teacher, train.x[:2], transform, device)
+    probe_logits = predict_logits(teacher, train.x[:2], transform, batch_size=250, device=device)
     num_classes = int(probe_logits.shape[1])
     n = opt.samples_per_class * num_classes
     if n > len(train):
@@ -480,7 +470,7 @@ def run_pipeline(opt: PipelineOptions) -> dict:
 
     test = load_images(data_dir, "test", limit=opt.test_images)  # labels: evaluation only
     t0 = time.perf_counter()
-    teacher_top1 = top1(_logits(teacher, test.x, transform, device), test.y)
+    teacher_top1 = top1(predict_logits(teacher, test.x, transform, batch_size=250, device=device), test.y)
     model_params = count_parameters(teacher)
     model_macs = count_macs(teacher, (3, *train.x.shape[1:3]))
     log.info(
@@ -718,7 +708,7 @@ class _RowMaker:
         import copy
 
         from convexedge.host.distill import swap_span_
-        from convexedge.host.evaluate import count_macs, count_parameters, top1
+        from convexedge.host.evaluate import count_macs, count_parameters, predict_logits, top1
 
         if model is None:
             model = swap_span_(copy.deepcopy(self.teacher), self.span, student)
@@ -728,7 +718,10 @@ class _RowMaker:
             "student": kind,
             "span": self.name,
             "samples_per_class": self.k,
-            "top1": top1(_logits(model, self.test.x, self.transform, self.device), self.test.y),
+            "top1": top1(
+                predict_logits(model, self.test.x, self.transform, batch_size=250, device=self.device),
+                self.test.y,
+            ),
             "span_params": sp,
             "span_params_gates_from_seed": count_parameters(student, count_gates=False),
             "span_compression": self.span_params / sp,

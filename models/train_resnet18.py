@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from convexedge.host.data import normalize_images, random_crop_flip
+from convexedge.host.evaluate import predict_logits, top1
 from convexedge.models.resnet18_cifar import (
     RESNET18_MANIFEST,
     RESNET18_WEIGHTS,
@@ -97,13 +98,8 @@ def _to_tensor(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(normalize_images(x, MEAN, STD))
 
 
-@torch.no_grad()
-def _top1(model: nn.Module, x: np.ndarray, y: np.ndarray, batch: int = 250) -> float:
-    model.eval()
-    correct = 0
-    for i in range(0, len(x), batch):
-        correct += int((model(_to_tensor(x[i : i + batch])).argmax(1).numpy() == y[i : i + batch]).sum())
-    return correct / len(x)
+def _top1(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
+    return top1(predict_logits(model, x, lambda b: normalize_images(b, MEAN, STD), batch_size=250), y)
 
 
 def train_resnet18(
