@@ -8,8 +8,9 @@ refit wall time and iterations on 1,024 samples (warm start, one thread), extra 
 refit (tracemalloc peak), accuracy before/after on held-out shifted test images, the fraction of
 the teacher-student gap the shift opened that the refit closed, predict p50/p99 latency while a
 refit runs in the background vs idle, and every refit's status. With ``--anchor auto`` (the default)
-the refits' anchor and lam are chosen per head on a calibration shift (contrast), which is not one of
-the reported shifts.
+the refits' anchor, lam and input renormalisation (``RefitConfig.renormalize``: keep the head's
+feature normalisation, or re-estimate it from the stream) are chosen per head on a calibration shift
+(contrast), which is not one of the reported shifts.
 
 Stream vs evaluation images: evaluation uses the corrupted *test* images (never streamed); the
 stream uses corrupted images that are not in the evaluation set (test images beyond the evaluation
@@ -31,6 +32,7 @@ if "numpy" not in sys.modules:  # one BLAS thread, as the protocol asks (before 
 
 import argparse  # noqa: E402
 import io  # noqa: E402
+import itertools  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
@@ -91,6 +93,8 @@ ANCHOR_GRID = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0)
 # the anchor already pulling toward the serving head, the clean fit's shrinkage toward zero can be
 # too strong for a refit
 LAM_SCALE_GRID = (0.0, 0.1, 1.0)
+# RefitConfig.renormalize: keep the head's input normalisation, or re-estimate it from the stream
+RENORMALIZE_GRID = ("off", "mean", "mean_std")
 
 
 def corruptions() -> tuple[dict, list[str]]:
@@ -177,6 +181,7 @@ def _runtime(
     executor: str = "thread",
     solver: str = "fista",
     lam: float | None = None,
+    renormalize: str = "off",
 ) -> RefitRuntime:
     src = HeadStore.create(workdir, head) if workdir is not None else head
     return RefitRuntime(
@@ -190,6 +195,7 @@ def _runtime(
             solver=solver,  # type: ignore[arg-type]
             anchor=anchor,
             lam=lam,
+            renormalize=renormalize,  # type: ignore[arg-type]
         ),
         executor=executor,  # type: ignore[arg-type]
     )
@@ -245,6 +251,12 @@ def main(argv: list[str] | None = None) -> dict:
         "'auto': per head, the (anchor, lam scale) of the grid with the best top-1 after a refit on "
         "the calibration shift (contrast, not one of the reported shifts)",
     )
+    parser.add_argument(
+        "--renormalize",
+        default="off",
+        choices=("off", "mean", "mean_std"),
+        help="RefitConfig.renormalize for every head when --anchor is given (auto: chosen with the anchor)",
+    )
     parser.add_argument("--repeats", type=int, default=None, help="timed refits per head and shift")
     parser.add_argument(
         "--time-budget", type=float, default=5.0, help="refit time budget (s) for the timed runs"
@@ -267,8 +279,10 @@ def main(argv: list[str] | None = None) -> dict:
     auto_anchor = args.anchor == "auto"
     anchors: dict[str, float] = {}
     lams: dict[str, float | None] = {}  # RefitConfig.lam per head (None: the head's own)
+    renorms: dict[str, str] = {}  # RefitConfig.renormalize per head
     if not auto_anchor:
         anchors = {k: float(v) for k, v in (kv.split("=") for kv in args.anchor.split(","))}
+        renorms = {k: args.renormalize for k in anchors}
     solvers = {k: v for k, v in (kv.split("=") for kv in args.solver.split(","))}
     repeats = args.repeats or (3 if args.quick else 7)
     lat_calls = 1000 if args.quick else 5000
@@ -324,21 +338,34 @@ def main(argv: list[str] | None = None) -> dict:
         for hname, head in heads.items():
             g = HEAD_PRESETS[hname].grid
             before = _acc(head.predict(cev_f[g]), eval_y)
-            for a in ANCHOR_GRID:
-                for scale in LAM_SCALE_GRID:
-                    rt = _runtime(head, None, a, solver=solvers.get(hname, "fista"), lam=scale * head.lam)
-                    _feed(rt, cst_f[g], cst_l)
-                    res = rt.refit(time_budget_s=args.time_budget)
-                    after = _acc(rt.predict(cev_f[g]), eval_y)
-                    anchor_sweep.setdefault(hname, []).append(
-                        {"anchor": a, "lam_scale": scale, "status": res.status, "before": before,
-                         "after": after}
-                    )  # fmt: skip
-            # ties go to the stronger pull toward the serving head, then to the larger lam
-            best = max(anchor_sweep[hname], key=lambda r: (r["after"], r["anchor"], r["lam_scale"]))
+            for renorm, a, scale in itertools.product(RENORMALIZE_GRID, ANCHOR_GRID, LAM_SCALE_GRID):
+                rt = _runtime(
+                    head, None, a, solver=solvers.get(hname, "fista"), lam=scale * head.lam,
+                    renormalize=renorm,
+                )  # fmt: skip
+                _feed(rt, cst_f[g], cst_l)
+                res = rt.refit(time_budget_s=args.time_budget)
+                after = _acc(rt.predict(cev_f[g]), eval_y)
+                anchor_sweep.setdefault(hname, []).append(
+                    {"renormalize": renorm, "anchor": a, "lam_scale": scale, "status": res.status,
+                     "before": before, "after": after}
+                )  # fmt: skip
+            # ties go to the stronger pull toward the serving head, then to the larger lam, then to
+            # the later renormalize option
+            best = max(
+                anchor_sweep[hname],
+                key=lambda r: (
+                    r["after"],
+                    r["anchor"],
+                    r["lam_scale"],
+                    RENORMALIZE_GRID.index(r["renormalize"]),
+                ),
+            )
             anchors[hname] = best["anchor"]
             lams[hname] = best["lam_scale"] * head.lam
-            print(f"{hname}: anchor {best['anchor']:g}, lam x{best['lam_scale']:g} chosen on {cname} "
+            renorms[hname] = best["renormalize"]
+            print(f"{hname}: renormalize {best['renormalize']}, anchor {best['anchor']:g}, "
+                  f"lam x{best['lam_scale']:g} chosen on {cname} "
                   f"({before:.3f} -> {best['after']:.3f} top-1)")  # fmt: skip
 
     shifts, skipped = corruptions()
@@ -360,7 +387,12 @@ def main(argv: list[str] | None = None) -> dict:
             times, iters, res, rt = [], [], None, None
             for _ in range(repeats):
                 rt = _runtime(
-                    head, None, anchors[hname], solver=solvers.get(hname, "fista"), lam=lams.get(hname)
+                    head,
+                    None,
+                    anchors[hname],
+                    solver=solvers.get(hname, "fista"),
+                    lam=lams.get(hname),
+                    renormalize=renorms[hname],
                 )
                 _feed(rt, st_f[g], st_l)
                 res = rt.refit(time_budget_s=args.time_budget)
@@ -378,7 +410,14 @@ def main(argv: list[str] | None = None) -> dict:
             frac = (after - before) / opened if opened > 0.01 else None
             refit_ms[hname].append(float(np.median(times)))
             # extra memory of one refit (tracemalloc slows allocation, so a separate, untimed run)
-            rt = _runtime(head, None, anchors[hname], solver=solvers.get(hname, "fista"), lam=lams.get(hname))
+            rt = _runtime(
+                head,
+                None,
+                anchors[hname],
+                solver=solvers.get(hname, "fista"),
+                lam=lams.get(hname),
+                renormalize=renorms[hname],
+            )
             _feed(rt, st_f[g], st_l)
             tracemalloc.start()
             base = tracemalloc.get_traced_memory()[0]
@@ -412,6 +451,7 @@ def main(argv: list[str] | None = None) -> dict:
                 rt = _runtime(
                     head, Path(tmp) / "heads", anchors[hname], executor=executor,
                     solver=solvers.get(hname, "fista"), lam=lams.get(hname),
+                    renormalize=renorms[hname],
                 )  # fmt: skip
                 _feed(rt, st_f[g], st_l)
                 if executor == "process":  # let the worker's interpreter finish booting
@@ -435,7 +475,14 @@ def main(argv: list[str] | None = None) -> dict:
     poison = {}
     for hname, head in heads.items():
         g = HEAD_PRESETS[hname].grid
-        rt = _runtime(head, None, anchors[hname], solver=solvers.get(hname, "fista"), lam=lams.get(hname))
+        rt = _runtime(
+            head,
+            None,
+            anchors[hname],
+            solver=solvers.get(hname, "fista"),
+            lam=lams.get(hname),
+            renormalize=renorms[hname],
+        )
         garbage = np.random.default_rng(2).normal(0, st_l.std(), st_l.shape).astype(np.float32)
         _feed(rt, st_f[g], garbage)
         poison[hname] = rt.refit(time_budget_s=args.time_budget).status
@@ -510,13 +557,15 @@ def main(argv: list[str] | None = None) -> dict:
             "anchor": anchors,
             "anchor_choice": (
                 "anchor/2 ||V - V_serving||^2 added to every refit; per head, the pair of anchor in "
-                f"{list(ANCHOR_GRID)} and RefitConfig.lam = head lam x {list(LAM_SCALE_GRID)} with the "
+                f"{list(ANCHOR_GRID)}, RefitConfig.lam = head lam x {list(LAM_SCALE_GRID)} and "
+                f"RefitConfig.renormalize in {list(RENORMALIZE_GRID)} with the "
                 f"best top-1 after one refit on the calibration shift ({CALIBRATION_SHIFT[0]}, "
                 "not a reported shift; its evaluation images' labels are read for the choice)"
                 if auto_anchor
                 else "given on the command line (--anchor)"
             ),
             "lam": lams,
+            "renormalize": renorms,
             "anchor_sweep": anchor_sweep,
             "executor_timed": "thread (solve in the calling thread, one BLAS thread)",
             "executor_latency": "process (persistent spawned worker; the parent only validates and commits)",

@@ -10,8 +10,10 @@ fixed and known (:meth:`StreamBuffer.nbytes`) however long the stream runs:
   ``G = A^T A: (P d, P d)``, ``B = A^T Y: (P, d, c)``, ``||Y||^2`` and ``n`` (optionally decayed by
   ``gram_decay`` per observed batch so old data fades); memory is ``O((P d)^2)``, not ``O(n)``.
 
-Features are stored *standardised* with the serving head's normalisation (a refit keeps it), so a
-refit reads the buffer in place with no copy. While a refit reads it (:meth:`freeze`), new samples
+Features are stored *standardised* with the serving head's normalisation, so a refit reads the
+buffer in place with no copy; a refit that re-estimates the normalisation from the stream
+(``RefitConfig(renormalize=...)``) moves the stored rows to the new one in place
+(:meth:`StreamBuffer.restandardize`, row modes only). While a refit reads it (:meth:`freeze`), new samples
 are staged in a small pending area and folded in by :meth:`thaw`.
 """
 
@@ -255,6 +257,52 @@ class StreamBuffer:
         else:
             self._train.add(z[tr], y[tr])
 
+    def moments(self, chunk: int = 32) -> tuple[np.ndarray, np.ndarray]:
+        """Per-feature mean and variance ``(d_in,)`` float64 of the stored training rows (row modes).
+
+        Accumulated in float64 over row chunks, so the only temporary is one ``(chunk, d_in)`` block.
+
+        Raises:
+            ValueError: Gram mode (no rows) or no training rows.
+        """
+        t = self._train
+        if not isinstance(t, _Rows) or t.size == 0:
+            raise ValueError("moments need stored training rows (mode 'reservoir' or 'window', n > 0)")
+        n = t.size
+        s1 = np.zeros(self.d_in, np.float64)
+        s2 = np.zeros(self.d_in, np.float64)
+        for s in range(0, n, chunk):
+            block = t.Z[s : min(n, s + chunk)]
+            s1 += block.sum(axis=0, dtype=np.float64)
+            s2 += np.einsum("ij,ij->j", block, block, dtype=np.float64)
+        mean = s1 / n
+        return mean, np.maximum(s2 / n - mean**2, 0.0)
+
+    def restandardize(self, scale: np.ndarray, shift: np.ndarray, part: Literal["stored", "staged"]) -> None:
+        """Map rows to another standardisation of the same raw features: ``z <- z * scale + shift``.
+
+        In place (no temporaries). ``part="stored"``: the training and held-out rows; ``"staged"``:
+        the rows staged while a refit runs. The inverse map is ``z <- (z - shift) / scale``.
+
+        Raises:
+            ValueError: Gram mode (its statistics hold masks of the old standardisation), or
+                ``scale``/``shift`` not finite ``(d_in,)`` with ``scale > 0``.
+        """
+        if not isinstance(self._train, _Rows):
+            raise ValueError("restandardize needs stored rows; mode 'gram' keeps only statistics")
+        scale = np.asarray(scale, np.float32)
+        shift = np.asarray(shift, np.float32)
+        if scale.shape != (self.d_in,) or shift.shape != (self.d_in,):
+            raise ValueError(f"scale and shift must have shape ({self.d_in},)")
+        if not (np.isfinite(scale).all() and np.isfinite(shift).all() and (scale > 0).all()):
+            raise ValueError("scale must be finite and > 0, shift finite")
+        parts = (self._train, self._val) if part == "stored" else (self._pending,)
+        with self._lock:
+            for rows in parts:
+                Z = rows.Z[: rows.size]
+                Z *= scale
+                Z += shift
+
     def freeze(self, masks_fn=None) -> BufferSnapshot:  # type: ignore[no-untyped-def]
         """Stop writes to the stored data (new rows are staged) and return views for a refit.
 
@@ -262,6 +310,10 @@ class StreamBuffer:
         """
         with self._lock:
             self._frozen = True
+        return self.snapshot(masks_fn)
+
+    def snapshot(self, masks_fn=None) -> BufferSnapshot:  # type: ignore[no-untyped-def]
+        """Views of the stored data as :meth:`freeze` returns them (call it while frozen)."""
         vz, vy = self._val.Z[: self._val.size], self._val.Y[: self._val.size]
         t = self._train
         if isinstance(t, _Gram):

@@ -235,9 +235,18 @@ class ConvexHead:
         z = self.normalize(check_features(x, self.d_in))
         return self.predict_normalized(z)
 
-    def replace_weights(self, V: np.ndarray, *, info: dict[str, Any] | None = None) -> ConvexHead:
-        """A new head with weights ``V: (P, d, c)`` and everything else (gates, normalisation) kept."""
+    def replace_weights(
+        self,
+        V: np.ndarray,
+        *,
+        info: dict[str, Any] | None = None,
+        mean: np.ndarray | None = None,
+        std: np.ndarray | None = None,
+    ) -> ConvexHead:
+        """A new head with weights ``V: (P, d, c)`` (and, if given, a new ``mean``/``std``); the gates
+        and everything else are kept."""
         return ConvexHead(
-            V=V, gate_spec=self.gate_spec, gates=self.gates, mean=self.mean, std=self.std,
+            V=V, gate_spec=self.gate_spec, gates=self.gates,
+            mean=self.mean if mean is None else mean, std=self.std if std is None else std,
             lam=self.lam, group=self.group, info=self.info if info is None else info,
         )  # fmt: skip

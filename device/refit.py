@@ -47,8 +47,12 @@ logger = logging.getLogger(__name__)
 
 Status = Literal["accepted", "rejected", "cancelled", "out_of_budget", "failed"]
 Solver = Literal["fista", "momentum", "bcd", "auto"]
+Renormalize = Literal["off", "mean", "mean_std"]
 _MB = 2**20
 _VAL_CHUNK = 32  # rows per chunk when validating and computing masks (bounds their temporaries)
+# renormalize="mean_std": a feature whose stream spread is below this share of the serving head's
+# keeps its scale (a constant or collapsed feature must not be blown up)
+_MIN_STD_RATIO = 1e-3
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,6 +74,12 @@ class RefitConfig:
     # Proximal pull toward the serving head: the refit adds anchor/2 ||V - V_serving||^2 to the
     # objective (0: none). It keeps what the head learned where the small stream says little.
     anchor: float = 0.0
+    # Re-estimate the input normalisation from the stream's training rows before solving
+    # (covariate-shift adaptation, as prediction-time batch norm does for BN networks): "mean"
+    # re-centres every feature, "mean_std" also rescales it, "off" keeps the serving head's. The
+    # gates then see the shifted features where they saw the clean ones. Row buffer modes only. The
+    # candidate (new normalisation and weights) is judged on the held-out rows like any refit.
+    renormalize: Renormalize = "off"
     min_train: int = 32  # fewer training samples: the refit is rejected without solving
     min_val: int = 16  # fewer held-out samples: rejected (nothing to judge the candidate on)
     # Commit only if val_loss_after < val_loss_before * (1 - min_improvement).
@@ -90,6 +100,8 @@ class RefitConfig:
             raise ValueError(f"bcd must be a BcdConfig, got {type(self.bcd).__name__}")
         if not isinstance(self.momentum, MomentumConfig):
             raise ValueError(f"momentum must be a MomentumConfig, got {type(self.momentum).__name__}")
+        if self.renormalize not in ("off", "mean", "mean_std"):
+            raise ValueError(f"renormalize must be 'off', 'mean' or 'mean_std', got {self.renormalize!r}")
         if self.solver not in ("fista", "momentum", "bcd", "auto"):
             raise ValueError(f"solver must be 'fista', 'momentum', 'bcd' or 'auto', got {self.solver!r}")
         if not (
@@ -134,6 +146,8 @@ class RefitResult:
         seconds: wall time of the whole refit (snapshot to commit); solve_seconds: the solver part.
         slot: the store slot written when accepted.
         solver: ``"fista"``, ``"momentum"`` or ``"bcd"`` (``iterations`` counts epochs for bcd).
+        renormalized: the candidate carries a normalisation re-estimated from the stream
+            (``RefitConfig.renormalize``).
     """
 
     status: Status
@@ -151,6 +165,7 @@ class RefitResult:
     slot: str | None = None
     lam: float = float("nan")
     solver: str = ""
+    renormalized: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -290,6 +305,11 @@ class RefitRuntime:
         self.memory_budget_bytes = int(memory_budget_mb * _MB)
         head = self._store.head
         self._d_in, self._c, self._P = head.d_in, head.c, head.P
+        if config.renormalize != "off" and buffer.mode == "gram":
+            raise ValueError(
+                f"renormalize={config.renormalize!r} moves the stored rows to a new normalisation, but "
+                "buffer mode 'gram' keeps only statistics of the old one; use mode='reservoir' or 'window'"
+            )
         if config.solver in ("bcd", "momentum") and buffer.mode == "gram":
             raise ValueError(
                 f"solver={config.solver!r} needs the stream's rows, but buffer mode 'gram' keeps only "
@@ -307,6 +327,9 @@ class RefitRuntime:
             )
         self.buffer = StreamBuffer(head.d_in, head.c, head.P, buffer)
         self._norm_head = head  # the head whose normalisation and gates the buffer's rows use
+        # held while a row is standardised and stored, and while the buffer moves to another
+        # normalisation (never by predict)
+        self._basis_lock = threading.Lock()
         self._busy = threading.Lock()
         self._last_step: float | None = None
         self.executor = executor
@@ -420,10 +443,11 @@ class RefitRuntime:
             raise DataError(
                 f"x and target must have the same number of samples, got {z.shape[0]} and {y.shape[0]}"
             )
-        head = self._norm_head
-        zn = head.normalize(z)
-        masks = head.masks(zn) if self.buffer.config.mode == "gram" else None
-        self.buffer.add(zn, y, masks)
+        with self._basis_lock:
+            head = self._norm_head
+            zn = head.normalize(z)
+            masks = head.masks(zn) if self.buffer.config.mode == "gram" else None
+            self.buffer.add(zn, y, masks)
 
     # ------------------------------------------------------------------ refit
     def refit(
@@ -509,15 +533,20 @@ class RefitRuntime:
     ) -> RefitResult:
         cfg = self.config
         head = self.head
-        if not self._same_basis(head, self._norm_head):
-            self.buffer.clear()
-            self._norm_head = head
-            return RefitResult(
-                "rejected", "the serving head's normalisation or gates changed; buffer cleared"
-            )
+        if head is not self._norm_head and not self._rebase(head):
+            return RefitResult("rejected", "the serving head's gates changed; buffer cleared")
         solver = self._solver_for(head, self.buffer.config)
-        snap = self.buffer.freeze(_chunked_masks(head))
+        self.buffer.freeze()
+        moved: _Renorm | None = None  # applied to the stored rows; undone unless the candidate commits
+        committed = False
         try:
+            before = float("nan")
+            if cfg.renormalize != "off" and self.buffer.n_train >= cfg.min_train and self.buffer.n_val:
+                val = self.buffer.snapshot()
+                before = _val_loss(head, val.val_Z, val.val_Y)  # in the serving normalisation
+                del val
+                moved = self._renormalize(head, cfg.renormalize)
+            snap = self.buffer.snapshot(_chunked_masks(head))  # masks depend on the gates only
             n_val = snap.val_Z.shape[0]
             if snap.train is None or snap.n_train < cfg.min_train or n_val < cfg.min_val:
                 return RefitResult(
@@ -555,7 +584,7 @@ class RefitRuntime:
             common = {
                 "iterations": out.iterations, "converged": converged, "kkt_residual": kkt,
                 "n_train": snap.n_train, "n_val": n_val, "solve_seconds": out.seconds, "lam": lam,
-                "solver": solver,
+                "solver": solver, "renormalized": moved is not None,
             }  # fmt: skip
             if cancelled and not converged:
                 return RefitResult(
@@ -582,9 +611,13 @@ class RefitRuntime:
             cand = head.replace_weights(
                 x,
                 info={**head.info, "refit": {"samples": n_train, "iterations": common["iterations"],
-                                             "lam": lam, "kkt": kkt, "time": time.time()}},
+                                             "lam": lam, "kkt": kkt, "time": time.time(),
+                                             "renormalize": cfg.renormalize if moved else "off"}},
+                mean=None if moved is None else moved.mean,
+                std=None if moved is None else moved.std,
             )  # fmt: skip
-            before = _val_loss(head, val_Z, val_Y)
+            if moved is None:
+                before = _val_loss(head, val_Z, val_Y)
             after = _val_loss(cand, val_Z, val_Y)
             sst = _val_sst(val_Y)
             r2 = 1.0 - after / sst if sst > 0 else float("-inf")
@@ -605,21 +638,59 @@ class RefitRuntime:
                     seconds=time.perf_counter() - t0, **common,
                 )  # fmt: skip
             slot = self._store.commit(cand)  # durable first, then the reference swap inside the store
-            self._norm_head = self._store.head
+            with self._basis_lock:  # rows staged during the refit follow the stored ones
+                if moved is not None:
+                    self.buffer.restandardize(moved.scale, moved.shift, "staged")
+                self._norm_head = self._store.head
+            committed = True
             return RefitResult(
                 "accepted", f"validation loss {before:.4g} -> {after:.4g}", slot=slot,
                 seconds=time.perf_counter() - t0, **common,
             )  # fmt: skip
         finally:
+            if moved is not None and not committed:  # back to the serving normalisation
+                self.buffer.restandardize(1.0 / moved.scale, -moved.shift / moved.scale, "stored")
             self.buffer.thaw()
 
-    @staticmethod
-    def _same_basis(a: ConvexHead, b: ConvexHead) -> bool:
-        if a is b:
-            return True
-        return (
-            a.gate_spec == b.gate_spec
-            and np.array_equal(a.gates, b.gates)  # type: ignore[arg-type]
-            and np.array_equal(a.mean, b.mean)  # type: ignore[arg-type]
-            and np.array_equal(a.std, b.std)  # type: ignore[arg-type]
-        )
+    def _renormalize(self, head: ConvexHead, mode: str) -> _Renorm:
+        """Re-estimate the normalisation from the training rows and move the stored rows to it.
+
+        In the serving head's standardised coordinates the rows have per-feature mean ``mu`` and
+        spread ``sd`` (``sd = 1`` for ``mode="mean"``); the new normalisation is
+        ``mean' = mean + std * mu``, ``std' = std * sd``, and a row moves by ``z' = (z - mu) / sd``.
+        """
+        mu, var = self.buffer.moments()
+        sd = np.sqrt(var) if mode == "mean_std" else np.ones_like(mu)
+        sd = np.where(sd > _MIN_STD_RATIO, sd, 1.0)
+        scale, shift = (1.0 / sd).astype(np.float32), (-mu / sd).astype(np.float32)
+        mean = (head.mean + head.std * mu).astype(np.float32)  # type: ignore[operator]
+        std = (head.std * sd).astype(np.float32)  # type: ignore[operator]
+        self.buffer.restandardize(scale, shift, "stored")
+        return _Renorm(scale, shift, mean, std)
+
+    def _rebase(self, head: ConvexHead) -> bool:
+        """The serving head is not the one the buffer's rows were standardised with (a rollback,
+        or a commit by another runtime): move the rows to its normalisation when the gates are the
+        same and the buffer keeps rows; otherwise clear the buffer. True if the rows were kept."""
+        old = self._norm_head
+        same_gates = old.gate_spec == head.gate_spec and np.array_equal(old.gates, head.gates)  # type: ignore[arg-type]
+        same_norm = np.array_equal(old.mean, head.mean) and np.array_equal(old.std, head.std)  # type: ignore[arg-type]
+        with self._basis_lock:
+            kept = same_gates and (same_norm or self.buffer.config.mode != "gram")
+            if not kept:
+                self.buffer.clear()
+            elif not same_norm:  # z' = (z * std_old + mean_old - mean_new) / std_new
+                scale = old.std / head.std  # type: ignore[operator]
+                shift = (old.mean - head.mean) / head.std  # type: ignore[operator]
+                self.buffer.restandardize(scale, shift, "stored")
+            self._norm_head = head
+        return kept
+
+
+class _Renorm(NamedTuple):
+    """A re-estimated normalisation and the map ``z' = z * scale + shift`` that moved the rows to it."""
+
+    scale: np.ndarray
+    shift: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray

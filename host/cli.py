@@ -136,6 +136,13 @@ def _build_parser() -> argparse.ArgumentParser:
     ref.add_argument("--mode", choices=["reservoir", "window", "gram"], default="reservoir")
     ref.add_argument("--chunk", type=_positive_int, default=64, help="samples per observe() call")
     ref.add_argument("--confirm", action="store_true", help="confirm an accepted head")
+    ref.add_argument(
+        "--anchor", type=float, default=0.0, help="pull toward the serving head, anchor/2 ||V - V0||^2"
+    )
+    ref.add_argument(
+        "--renormalize", choices=["off", "mean", "mean_std"], default="off",
+        help="re-estimate the head's input normalisation from the stream before the refit (rows modes)",
+    )  # fmt: skip
     dis = sub.add_parser(
         "distill",
         help="replace a span of a CNN by a convex student fitted label-free; or its data-parallel solve",
@@ -316,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
                     mode=args.mode,
                     chunk=args.chunk,
                     confirm=args.confirm,
+                    anchor=args.anchor,
+                    renormalize=args.renormalize,
                 )
             )
         elif args.command == "distill":

@@ -33,6 +33,8 @@ class RefitOptions:
     chunk: int = 64  # samples per observe() call
     confirm: bool = False  # confirm an accepted head (otherwise the next open may roll it back)
     anchor: float = 0.0  # RefitConfig.anchor: pull toward the serving head (0: none)
+    # RefitConfig.renormalize: re-estimate the input normalisation from the stream ("mean", "mean_std")
+    renormalize: Literal["off", "mean", "mean_std"] = "off"
     executor: Literal["thread", "process"] = "thread"  # where the solve runs
 
 
@@ -48,7 +50,7 @@ def run_refit(opt: RefitOptions) -> dict:
         store,
         memory_budget_mb=opt.memory_budget_mb,
         buffer=BufferConfig(mode=opt.mode),
-        config=RefitConfig(anchor=opt.anchor),
+        config=RefitConfig(anchor=opt.anchor, renormalize=opt.renormalize),
         executor=opt.executor,
     )
     seen = 0

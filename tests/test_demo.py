@@ -114,7 +114,8 @@ def test_device_head_loads_without_torch(demo_run):
     assert proc.stdout.strip() == "(2, 10)"
 
 
-def test_refit_cli_on_the_demo_heads(demo_run, tmp_path, capsys):
+@pytest.mark.parametrize("extra", [[], ["--renormalize", "mean_std", "--anchor", "10"]])
+def test_refit_cli_on_the_demo_heads(demo_run, tmp_path, capsys, extra):
     """`convexedge refit` streams activation files into the numpy runtime and reports one refit."""
     import shutil
 
@@ -130,10 +131,11 @@ def test_refit_cli_on_the_demo_heads(demo_run, tmp_path, capsys):
     for k in range(3):
         x = rng.normal(size=(200, head.d_in)).astype(np.float32)
         np.savez(acts / f"chunk_{k}.npz", x=x, target=head.predict(x) + 0.1 * rng.normal(size=(200, 10)))
-    status = main(["refit", str(heads), str(acts), "--time-budget", "2"])
+    status = main(["refit", str(heads), str(acts), "--time-budget", "2", *extra])
     assert status == 0
     report = json.loads(capsys.readouterr().out)
     assert report["observed"] == 600
+    assert report["renormalized"] == bool(extra)
     assert report["status"] in ("accepted", "rejected", "out_of_budget")
 
 
