@@ -273,6 +273,9 @@ class RefitRuntime:
             ``memory_budget_mb``. Call :meth:`close` (or use ``with``) to stop it. As with any
             ``spawn`` process, the app's main module must be import-safe (the usual
             ``if __name__ == "__main__":`` guard).
+        worker_nice: with ``executor="process"``, how much lower the worker's scheduling priority
+            is than the app's (POSIX ``nice`` increment, 0..19), so predict calls win a contended
+            core; 0 keeps the app's priority.
 
     Raises:
         ValueError: the buffer and a refit cannot fit in ``memory_budget_mb`` (the message gives
@@ -287,6 +290,7 @@ class RefitRuntime:
         buffer: BufferConfig | None = None,
         config: RefitConfig | None = None,
         executor: Literal["thread", "process"] = "thread",
+        worker_nice: int = 10,
     ) -> None:
         if executor not in ("thread", "process"):
             raise ValueError(f"executor must be 'thread' or 'process', got {executor!r}")
@@ -334,7 +338,7 @@ class RefitRuntime:
         self._last_step: float | None = None
         self.executor = executor
         # the worker process starts now so its interpreter is warm by the first refit
-        self._worker: RefitWorker | None = RefitWorker() if executor == "process" else None
+        self._worker: RefitWorker | None = RefitWorker(nice=worker_nice) if executor == "process" else None
 
     def close(self) -> None:
         """Stop the refit worker process, if any (a later refit would start a new one)."""

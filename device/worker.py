@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing as mp
+import os
 import threading
 import time
 import weakref
@@ -116,8 +117,17 @@ def solve(
 
 
 # ----------------------------------------------------------------------------- worker process
-def _serve(conn: Any, cancel: Any) -> None:  # pragma: no cover - runs in the child process
-    """Child loop: receive a request dict, solve, send ("done", outcome) or ("error", text)."""
+def _serve(conn: Any, cancel: Any, nice: int = 0) -> None:  # pragma: no cover - runs in the child
+    """Child loop: receive a request dict, solve, send ("done", outcome) or ("error", text).
+
+    ``nice``: first lower this process's scheduling priority by that much (POSIX ``nice``), so a
+    core shared with the app's predict calls goes to them first.
+    """
+    if nice > 0 and hasattr(os, "nice"):
+        try:
+            os.nice(nice)
+        except OSError:  # not permitted here: run at the app's priority
+            pass
     while True:
         try:
             req = conn.recv()
@@ -160,9 +170,17 @@ class RefitWorker:
     The process starts at construction (its interpreter and numpy load in the background) and
     serves one solve at a time; :meth:`close` (or garbage collection, or interpreter exit) stops it.
     If it dies, the running solve raises and the next one starts a fresh process.
+
+    Args:
+        nice: how much lower than the app's the worker's scheduling priority is (POSIX ``nice``
+            increment, 0..19; ignored where the OS has no ``nice``). Background work at a lower
+            priority, as phones run it, leaves a contended core to the app's predict calls.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, nice: int = 10) -> None:
+        if not isinstance(nice, int) or isinstance(nice, bool) or not 0 <= nice <= 19:
+            raise ValueError(f"nice must be an int in 0..19, got {nice!r}")
+        self.nice = nice
         self._ctx = mp.get_context("spawn")
         self._lock = threading.Lock()
         self._start()
@@ -171,7 +189,10 @@ class RefitWorker:
         self.cancel_event = self._ctx.Event()
         parent, child = self._ctx.Pipe(duplex=True)
         self._proc = self._ctx.Process(
-            target=_serve, args=(child, self.cancel_event), name="convexedge-refit-worker", daemon=True
+            target=_serve,
+            args=(child, self.cancel_event, self.nice),
+            name="convexedge-refit-worker",
+            daemon=True,
         )
         self._proc.start()
         child.close()

@@ -1,5 +1,6 @@
 """Device runtime: refit accepts real improvements, rejects poison, never blocks or tears predict."""
 
+import os
 import threading
 import time
 import warnings
@@ -339,6 +340,17 @@ def test_process_executor_matches_the_thread_solve_and_keeps_the_semantics():
         _filled(rt, seed=3)
         res = rt.refit(time_budget_s=30, on_progress=seen.append)
         assert [p.iteration for p in seen] == list(range(1, res.iterations + 1))
+
+
+@pytest.mark.skipif(not hasattr(os, "getpriority"), reason="POSIX scheduling priorities")
+def test_process_worker_runs_at_a_lower_priority():
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    for nice, want in ((10, min(19, base + 10)), (0, base)):
+        with _filled(_rt(executor="process", worker_nice=nice)) as rt:
+            assert rt.refit(time_budget_s=30).status == "accepted"  # the worker has served a solve
+            assert os.getpriority(os.PRIO_PROCESS, rt._worker.pid) == want
+    with pytest.raises(ValueError, match="nice"):
+        _rt(executor="process", worker_nice=25)
 
 
 def test_process_executor_cancel_failure_and_worker_death():
