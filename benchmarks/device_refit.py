@@ -387,6 +387,13 @@ def main(argv: list[str] | None = None) -> dict:
                   f"lam x{best['lam_scale']:g} chosen on {', '.join(CALIBRATION_SHIFTS)} "
                   f"(worst calibration gain {100 * best['min_gain']:+.1f} points)")  # fmt: skip
 
+    def tuned(hname: str, head, workdir: Path | None = None, executor: str = "thread") -> RefitRuntime:
+        """A runtime for ``head`` with the head's chosen refit settings."""
+        return _runtime(
+            head, workdir, anchors[hname], executor=executor, solver=solvers.get(hname, "fista"),
+            lam=lams.get(hname), renormalize=renorms[hname],
+        )  # fmt: skip
+
     shifts, skipped = corruptions()
     rng = np.random.default_rng(0)
     rows, statuses = [], []
@@ -405,14 +412,7 @@ def main(argv: list[str] | None = None) -> dict:
             before = _acc(before_logits, eval_y)
             times, iters, res, rt = [], [], None, None
             for _ in range(repeats):
-                rt = _runtime(
-                    head,
-                    None,
-                    anchors[hname],
-                    solver=solvers.get(hname, "fista"),
-                    lam=lams.get(hname),
-                    renormalize=renorms[hname],
-                )
+                rt = tuned(hname, head)
                 _feed(rt, st_f[g], st_l)
                 res = rt.refit(time_budget_s=args.time_budget)
                 statuses.append(res.status)
@@ -429,14 +429,7 @@ def main(argv: list[str] | None = None) -> dict:
             frac = (after - before) / opened if opened > 0.01 else None
             refit_ms[hname].append(float(np.median(times)))
             # extra memory of one refit (tracemalloc slows allocation, so a separate, untimed run)
-            rt = _runtime(
-                head,
-                None,
-                anchors[hname],
-                solver=solvers.get(hname, "fista"),
-                lam=lams.get(hname),
-                renormalize=renorms[hname],
-            )
+            rt = tuned(hname, head)
             _feed(rt, st_f[g], st_l)
             tracemalloc.start()
             base = tracemalloc.get_traced_memory()[0]
@@ -467,11 +460,7 @@ def main(argv: list[str] | None = None) -> dict:
         lat[hname] = {"batch": CHUNK, "calls": lat_calls}
         for executor in ("process", "thread"):
             with tempfile.TemporaryDirectory() as tmp:
-                rt = _runtime(
-                    head, Path(tmp) / "heads", anchors[hname], executor=executor,
-                    solver=solvers.get(hname, "fista"), lam=lams.get(hname),
-                    renormalize=renorms[hname],
-                )  # fmt: skip
+                rt = tuned(hname, head, Path(tmp) / "heads", executor)
                 _feed(rt, st_f[g], st_l)
                 if executor == "process":  # let the worker's interpreter finish booting
                     rt.refit(time_budget_s=args.time_budget)
@@ -494,14 +483,7 @@ def main(argv: list[str] | None = None) -> dict:
     poison = {}
     for hname, head in heads.items():
         g = HEAD_PRESETS[hname].grid
-        rt = _runtime(
-            head,
-            None,
-            anchors[hname],
-            solver=solvers.get(hname, "fista"),
-            lam=lams.get(hname),
-            renormalize=renorms[hname],
-        )
+        rt = tuned(hname, head)
         garbage = np.random.default_rng(2).normal(0, st_l.std(), st_l.shape).astype(np.float32)
         _feed(rt, st_f[g], garbage)
         poison[hname] = rt.refit(time_budget_s=args.time_budget).status
