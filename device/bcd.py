@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from convexedge.device.fista import Group, RowData
-from convexedge.device.worker import SolveOutcome, check_solve_inputs
+from convexedge.device.worker import SolveOutcome, certifiable_tol, check_solve_inputs
 
 __all__ = [
     "BcdConfig",
@@ -530,8 +530,9 @@ def bcd_solve(
     P, d, c = s.V.shape
     g, gn = np.empty((d, c), np.float32), np.empty((d, c), np.float32)
     work, work2 = np.empty((s.chunk, c), np.float32), np.empty((s.chunk, c), np.float32)
+    tol = certifiable_tol(config.tol, anchor_mu, V0, s.g0)
     kkt = bcd_kkt(s, g, work)
-    converged = kkt <= config.tol
+    converged = kkt <= tol
     cancelled = False
     have_g = False  # g holds block i's gradient at the current point (left by the previous pass)
     while not converged and s.epoch < config.max_iter:
@@ -554,9 +555,9 @@ def bcd_solve(
             break
         s.epoch += 1
         est = math.sqrt(s.est) / s.g0
-        if est <= config.tol:
+        if est <= tol:
             kkt = bcd_kkt(s, gn, work)
-            converged = kkt <= config.tol
+            converged = kkt <= tol
         else:
             kkt = est
         if on_iter is not None:

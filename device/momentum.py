@@ -57,7 +57,7 @@ import numpy as np
 from scipy.linalg import blas
 
 from convexedge.device.fista import Group, RowData
-from convexedge.device.worker import SolveOutcome, check_solve_inputs
+from convexedge.device.worker import SolveOutcome, certifiable_tol, check_solve_inputs
 
 __all__ = ["MomentumConfig", "lipschitz", "momentum_solve"]
 
@@ -316,6 +316,7 @@ def momentum_solve(
     b = np.zeros_like(x)  # V_{k-1}, then the next iterate under construction
     _accumulate(train, None, b, 1.0 / n, T, Rb)  # b = -(1/n) A^T Y = grad f(0) of the loss
     g0 = float(np.linalg.norm(_norms(b, grp)))
+    tol = certifiable_tol(config.tol, mu, V0, g0)
     m = mu if mu > 0 else L / config.max_condition
     sq_kappa = math.sqrt(L / m)
     s_fast = 4.0 / (math.sqrt(L) + math.sqrt(m)) ** 2  # Polyak's constants (outside iPiano's range)
@@ -334,7 +335,7 @@ def momentum_solve(
         if check:  # exact KKT at V_k, then a plain proximal gradient step from it
             s = s_safe
             kkt, fx = _exact_kkt(train, x, b, T, Rb, w, ref, mu, lam, grp, g0)
-            if kkt <= config.tol:
+            if kkt <= tol:
                 converged = True
                 break
             b *= np.float32(-s)
@@ -362,13 +363,13 @@ def momentum_solve(
         x, b = b, x  # x holds V_{k+1}, b holds V_k
         it += 1
         f_prev = fx
-        check = est <= config.check_factor * config.tol and not check
+        check = est <= config.check_factor * tol and not check
         plain_next = restarted  # (a check step is plain anyway)
         if on_iter is not None:
             on_iter(it, fx, kkt)
     if not converged and not cancelled:  # the exact residual of the returned point
         kkt = _exact_kkt(train, x, b, T, Rb, w, ref, mu, lam, grp, g0)[0]
-        converged = kkt <= config.tol
+        converged = kkt <= tol
     del b, T, w, flat, Rb
     out = np.ascontiguousarray(x.transpose(1, 0, 2))
     return SolveOutcome(out, it, kkt, converged, float("nan"), cancelled, time.perf_counter() - ts)

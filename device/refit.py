@@ -72,7 +72,8 @@ class RefitConfig:
     bcd: BcdConfig = field(default_factory=BcdConfig)
     auto_workspace_kb: float = 256.0
     # Proximal pull toward the serving head: the refit adds anchor/2 ||V - V_serving||^2 to the
-    # objective (0: none). It keeps what the head learned where the small stream says little.
+    # objective (0: none). It keeps what the head learned where the small stream says little. A
+    # strong anchor raises the solvers' tol to the float32 floor it creates (worker.certifiable_tol).
     anchor: float = 0.0
     # Re-estimate the input normalisation from the stream's training rows before solving
     # (covariate-shift adaptation, as prediction-time batch norm does for BN networks): "mean"

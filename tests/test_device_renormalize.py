@@ -1,12 +1,24 @@
-"""Device refits that re-estimate the input normalisation from the stream (RefitConfig.renormalize)."""
+"""Device refits that re-estimate the input normalisation from the stream (RefitConfig.renormalize),
+and refits under a strong anchor (the float32 floor of the KKT residual)."""
+
+import warnings
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from convexedge.device import BufferConfig, ConvexHead, GateSpec, HeadStore, RefitConfig, RefitRuntime
+from convexedge.device import (
+    BufferConfig,
+    ConvergenceWarning,
+    ConvexHead,
+    GateSpec,
+    HeadStore,
+    RefitConfig,
+    RefitRuntime,
+)
 from convexedge.device.buffer import StreamBuffer
+from convexedge.device.worker import certifiable_tol
 
 D_IN, P, C = 12, 6, 3
 
@@ -179,3 +191,30 @@ def test_restandardize_refuses_gram_and_bad_maps():
         buf.restandardize(np.zeros(D_IN), np.zeros(D_IN), "stored")
     with pytest.raises(ValueError, match="shape"):
         buf.restandardize(np.ones(3), np.zeros(3), "stored")
+
+
+# ----------------------------------------------------------------------------- strong anchors
+@pytest.mark.parametrize("solver", ["fista", "momentum", "bcd"])
+def test_a_strong_anchor_stops_at_the_float32_floor(solver):
+    """mu (V - V0) amplifies float32 rounding of V: the solve must stop at that floor, not burn its
+    whole budget (these ran 1,000 iterations before the floor was taken into account)."""
+    head = _head()
+    x = _clean(1500, 0)
+    rt = RefitRuntime(
+        head, memory_budget_mb=16, buffer=BufferConfig(mode="window", capacity=4096, val_capacity=2048),
+        config=RefitConfig(renormalize="mean_std", anchor=1e5, solver=solver),
+    )  # fmt: skip
+    rt.observe(_shifted(x), head.predict(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        res = rt.refit(time_budget_s=30)
+    assert res.converged and res.iterations <= 10, (res.iterations, res.kkt_residual)
+
+
+def test_certifiable_tol():
+    V0 = np.full((2, 3, 4), 0.5, np.float32)  # ||V0|| = sqrt(24) / 2
+    assert certifiable_tol(1e-4, 0.0, V0, 1.0) == 1e-4
+    assert certifiable_tol(1e-4, 1e6, np.zeros_like(V0), 1.0) == 1e-4
+    floor = 2 * np.finfo(np.float32).eps * 1e6 * np.sqrt(24) / 2 / 0.5
+    assert certifiable_tol(1e-4, 1e6, V0, 0.5) == pytest.approx(floor)
+    assert certifiable_tol(1e-4, 1.0, V0, 0.5) == 1e-4  # a weak anchor leaves tol alone
