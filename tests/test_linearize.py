@@ -141,6 +141,20 @@ def test_batched_candidates_equal_one_by_one():
         assert loss[k] == pytest.approx(float(F.cross_entropy(logits, val.y)), rel=1e-5)
 
 
+def test_batched_candidates_kd_loss_equals_the_finetuning_objective():
+    from convexedge.host.linearize.train import kd_loss
+
+    net = linearize_(_tiny(), torch.zeros(1, 1, 6, 6))
+    val = _data(40)
+    teacher = torch.randn(40, 4, generator=torch.Generator().manual_seed(3))
+    cands = np.random.default_rng(1).random((3, 126)) > 0.3
+    _, loss = evaluate_candidates(net, val, cands, eval_batch=50, teacher_logits=teacher, temperature=4.0)
+    for k in range(3):
+        set_flat_mask_(net, cands[k])
+        want = float(kd_loss(net(val.x).detach(), teacher, val.y, 4.0))
+        assert loss[k] == pytest.approx(want, rel=1e-5)
+
+
 # --------------------------------------------------------------------------- SNL
 def test_binarize_keeps_top_scores_within_budget():
     scores = np.array([0.9, 0.1, 0.5, 0.7, 0.0])
@@ -229,6 +243,17 @@ def test_bcd_warm_start_finetune_is_charged_and_logged(warm):
     assert res.finished and res.live_relus == 100
 
 
+def test_bcd_end_finetune_runs_once_at_the_budget_and_is_charged(tmp_path):
+    net, t, train, val, cfg = _bcd_setup(budget=100, adt=1.0, warm_finetune=0.0, end_finetune=1.0)
+    res = bcd_linearize(net, t, train, val, cfg, checkpoint=tmp_path / "ck")
+    assert res.history[-1][:1] == [100] and res.history[-1][2] == "finetune (end)"
+    assert res.finetune_rounds == 1 and res.ledger.train == int(round(len(train) / 32)) * 32
+    again = bcd_linearize(net, t, train, val, cfg, checkpoint=tmp_path / "ck")  # finished: no second one
+    assert again.finetune_rounds == 1 and again.ledger.train == res.ledger.train
+    with pytest.raises(ValueError, match="end_finetune"):
+        BcdConfig(budget=3, end_finetune=-1.0)
+
+
 def test_bcd_on_validation_subsets_is_deterministic_and_charges_the_subsets():
     net, t, train, val, cfg = _bcd_setup(budget=60, eval_samples=16, warm_finetune=0.0, adt=1.0)
     res = bcd_linearize(net, t, train, val, cfg)
@@ -240,6 +265,36 @@ def test_bcd_on_validation_subsets_is_deterministic_and_charges_the_subsets():
     assert np.array_equal(again.removed, res.removed)
     with pytest.raises(ValueError, match="eval_samples"):
         BcdConfig(budget=3, eval_samples=0)
+
+
+def test_bcd_kd_selection_needs_teacher_logits_and_reaches_budget():
+    net, t, train, val, cfg = _bcd_setup(budget=60, select="kd", warm_finetune=0.0, adt=1.0)
+    with pytest.raises(ValueError, match="val_teacher_logits"):
+        bcd_linearize(net, t, train, val, cfg)
+    with torch.no_grad():
+        tv = _tiny()(val.x)
+    res = bcd_linearize(net, t, train, val, cfg, val_teacher_logits=tv)
+    assert res.finished and res.live_relus == 60 and len(np.unique(res.removed)) == 126 - 60
+    with pytest.raises(ValueError, match="select"):
+        BcdConfig(budget=3, select="kl")
+
+
+def test_bcd_prior_sampling_prefers_the_least_important_units():
+    from convexedge.host.linearize.bcd import _sampling_weights
+
+    pool = np.arange(10)
+    assert _sampling_weights(None, pool, 0.1) is None and _sampling_weights(np.ones(10), pool, None) is None
+    w = _sampling_weights(np.linspace(1, 0, 10), pool, 0.2)
+    assert w.sum() == pytest.approx(1.0) and np.all(np.diff(w) > 0)  # low score: high weight
+    net, t, train, val, cfg = _bcd_setup(budget=96, prior_temperature=0.05, warm_finetune=0.0, adt=1.0)
+    prior = np.ones(126)
+    prior[:40] = 0.0  # units 0..39 are the unimportant ones
+    res = bcd_linearize(net, t, train, val, cfg, prior=prior)
+    assert res.finished and np.mean(res.removed < 40) > 0.8
+    with pytest.raises(ValueError, match="prior"):
+        bcd_linearize(net, t, train, val, cfg)
+    with pytest.raises(ValueError, match="prior_temperature"):
+        BcdConfig(budget=3, prior_temperature=0.0)
 
 
 def test_compare_methods_matches_compute_and_reuses_the_snl_path(tmp_path):

@@ -26,6 +26,15 @@ history, RNG state). Every forward and training step is charged to a :class:`~.t
 accuracy, ties broken by the loss (``select="accuracy"``). Deliberate departure: the paper ranks by
 accuracy; on a few hundred validation samples a small block moves the accuracy by 0-2 samples, so
 most candidates tie and the loss is the better-resolved signal. The ``adt`` test stays on accuracy.
+``select="kd"`` ranks by the fine-tuning objective instead (CE plus ``T^2`` KL to the teacher's
+validation logits, which the caller passes and pays for): it also rewards a removal that keeps the
+teacher's soft outputs, a smoother signal than the labels alone. Departure too.
+
+Block sampling is uniform over the live units (the paper) unless ``prior_temperature`` is set and a
+``prior`` (SNL's scores of the warm start) is given: then unit ``u`` is drawn with weight
+``exp(-rank_u / prior_temperature)``, ``rank_u`` in [0, 1] from the lowest score. Departure: the
+validation evaluation still picks among the ``rt`` blocks, but the blocks are mostly made of units
+SNL already found unimportant (a small temperature tends to SNL's own removal order).
 History accuracies are exact on the full split and, with ``eval_samples``, the full-split value at
 the last fine-tune less the accumulated subset drops since.
 """
@@ -69,7 +78,9 @@ class BcdConfig:
     finetune_drop: float = 0.02  # fine-tune when accuracy fell this much since the last fine-tune
     finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(epochs=1.0))
     warm_finetune: float = 1.0  # epochs of fine-tuning of the warm start before the first removal (0: none)
-    select: Literal["loss", "accuracy"] = "loss"  # how the best of the rt blocks is chosen
+    end_finetune: float = 0.0  # epochs of fine-tuning once the budget is reached (0: none)
+    select: Literal["loss", "accuracy", "kd"] = "loss"  # how the best of the rt blocks is chosen
+    prior_temperature: float | None = None  # with prior scores: sampling weight exp(-rank / this)
     eval_batch: int = 4096  # samples per batched forward (candidates x validation chunk)
     eval_samples: int | None = None  # score each step on this many random validation samples (None: all)
     seed: int = 0
@@ -78,14 +89,16 @@ class BcdConfig:
     def __post_init__(self) -> None:
         if self.budget < 0 or self.drc < 1 or self.rt < 1 or self.eval_batch < self.rt:
             raise ValueError(f"BcdConfig: need budget >= 0, drc >= 1, rt >= 1, eval_batch >= rt; got {self}")
-        if self.select not in ("loss", "accuracy"):
-            raise ValueError(f"BcdConfig: select must be 'loss' or 'accuracy', got {self.select!r}")
+        if self.select not in ("loss", "accuracy", "kd"):
+            raise ValueError(f"BcdConfig: select must be 'loss', 'accuracy' or 'kd', got {self.select!r}")
+        if self.prior_temperature is not None and self.prior_temperature <= 0:
+            raise ValueError(f"BcdConfig: prior_temperature must be > 0 or None; got {self}")
         if not 0 <= self.adt <= 1 or not 0 <= self.finetune_drop <= 1 or self.checkpoint_every < 1:
             raise ValueError(f"BcdConfig: adt and finetune_drop must lie in [0, 1]; got {self}")
         if self.eval_samples is not None and self.eval_samples < 1:
             raise ValueError(f"BcdConfig: eval_samples must be >= 1 or None, got {self.eval_samples}")
-        if self.warm_finetune < 0:
-            raise ValueError(f"BcdConfig: warm_finetune must be >= 0 epochs, got {self.warm_finetune}")
+        if self.warm_finetune < 0 or self.end_finetune < 0:
+            raise ValueError(f"BcdConfig: warm_finetune and end_finetune must be >= 0 epochs; got {self}")
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -119,12 +132,20 @@ class BcdResult:
 
 @torch.no_grad()
 def evaluate_candidates(
-    model: nn.Module, val: Split, candidates: np.ndarray, eval_batch: int = 4096, ledger: Ledger | None = None
+    model: nn.Module,
+    val: Split,
+    candidates: np.ndarray,
+    eval_batch: int = 4096,
+    ledger: Ledger | None = None,
+    teacher_logits: torch.Tensor | None = None,
+    temperature: float = 4.0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Validation accuracy and mean cross-entropy of the model under each of K flat masks.
+    """Validation accuracy and mean loss of the model under each of K flat masks.
 
     Args:
         candidates: (K, U) bool flat masks.
+        teacher_logits: (len(val), classes) teacher outputs on ``val.x``; when given the loss is the
+            fine-tuning objective ``CE + T^2 KL(teacher || student at T)``, else the cross-entropy.
 
     Returns:
         ``(accuracy, loss)``, both (K,) float64.
@@ -148,8 +169,14 @@ def evaluate_candidates(
             c = x.shape[0]
             logits = model(x.repeat(k, *([1] * (x.dim() - 1)))).view(k, c, -1)
             correct += (logits.argmax(2) == y).sum(1).double().cpu()
-            ce = F.cross_entropy(logits.reshape(k * c, -1), y.repeat(k), reduction="none")
-            loss += ce.view(k, c).sum(1).double().cpu()
+            flat = logits.reshape(k * c, -1)
+            ce = F.cross_entropy(flat, y.repeat(k), reduction="none").view(k, c)
+            if teacher_logits is not None:
+                t = temperature
+                target = F.log_softmax(teacher_logits[i : i + chunk] / t, 1).repeat(k, 1)
+                kl = F.kl_div(F.log_softmax(flat / t, 1), target, log_target=True, reduction="none")
+                ce = ce + t * t * kl.sum(1).view(k, c)
+            loss += ce.sum(1).double().cpu()
             if ledger is not None:
                 ledger.forward += k * c
     finally:
@@ -157,6 +184,17 @@ def evaluate_candidates(
             m.candidates = None
         model.train(was)
     return (correct / len(val)).numpy(), (loss / len(val)).numpy()
+
+
+def _sampling_weights(prior: np.ndarray | None, pool: np.ndarray, temperature: float | None):
+    """Probabilities over ``pool`` for block sampling: uniform (None), or ``exp(-rank / temperature)``
+    with rank in [0, 1] by ascending ``prior`` (the least important unit is the likeliest)."""
+    if temperature is None or prior is None or pool.size < 2:
+        return None
+    rank = np.empty(pool.size)
+    rank[np.argsort(prior[pool], kind="stable")] = np.arange(pool.size) / (pool.size - 1)
+    w = np.exp(-rank / temperature)
+    return w / w.sum()
 
 
 def _save(path: Path, model: nn.Module, config: BcdConfig, state: dict) -> None:
@@ -226,6 +264,8 @@ def bcd_linearize(
     max_steps: int | None = None,
     ledger: Ledger | None = None,
     progress: bool = False,
+    val_teacher_logits: torch.Tensor | None = None,
+    prior: np.ndarray | None = None,
 ) -> BcdResult:
     """Remove ReLUs from a linearized ``model`` (in place) by block coordinate descent to the budget.
 
@@ -239,11 +279,20 @@ def bcd_linearize(
         max_steps: stop after this many loop steps (accepted, forced or fine-tune) in this call.
         ledger: compute is added to it.
         progress: tqdm bar with the live ReLU count and validation accuracy.
+        val_teacher_logits: (len(val), classes) teacher outputs on ``val.x``; needed by
+            ``select="kd"`` (the caller charges their forward pass).
+        prior: (U,) float importance of each unit (SNL's scores of the warm start); with
+            ``config.prior_temperature`` set, blocks are sampled with weights
+            ``exp(-rank / prior_temperature)``, rank in [0, 1] from the least important live unit.
 
     Raises:
         ArtifactError: a checkpoint that cannot be read or was written with another config.
     """
     costs = unit_costs(model)
+    if config.select == "kd" and (val_teacher_logits is None or len(val_teacher_logits) != len(val)):
+        raise ValueError("BCD select='kd' needs val_teacher_logits, one row per validation sample")
+    if config.prior_temperature is not None and (prior is None or len(prior) != len(costs)):
+        raise ValueError("BCD prior_temperature needs prior, one score per mask unit")
     ledger = ledger if ledger is not None else Ledger()
     ckpt = None if checkpoint is None else Path(checkpoint)
     state = _load(ckpt, model, config) if ckpt is not None else None
@@ -286,6 +335,7 @@ def bcd_linearize(
         )
         ledger.seconds += time.perf_counter() - t_start
     removed_set = set(state["removed"])
+    teacher_val = val_teacher_logits if config.select == "kd" else None
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -316,7 +366,8 @@ def bcd_linearize(
             fits = live_idx[costs[live_idx] <= remaining]
             pool = fits if fits.size else live_idx[np.argsort(costs[live_idx], kind="stable")[:1]]
             size = int(min(config.drc, pool.size, remaining if costs[pool].max() == 1 else config.drc))
-            blocks = np.stack([rng.choice(pool, size=size, replace=False) for _ in range(config.rt)])
+            weights = _sampling_weights(prior, pool, config.prior_temperature)
+            blocks = np.stack([rng.choice(pool, size, replace=False, p=weights) for _ in range(config.rt)])
             if costs[pool].max() > 1:  # channel units: trim each block to the remaining count
                 blocks = [b[np.cumsum(costs[b]) <= max(remaining, int(costs[b[0]]))] for b in blocks]
                 size = min(len(b) for b in blocks)
@@ -329,11 +380,19 @@ def bcd_linearize(
                 pick = torch.from_numpy(np.sort(rng.choice(len(val), config.eval_samples, replace=False)))
                 sub = Split(val.x[pick.to(val.x.device)], val.y[pick.to(val.y.device)])
                 acc, loss = evaluate_candidates(
-                    model, sub, np.concatenate([mask[None], cands]), config.eval_batch, ledger
+                    model,
+                    sub,
+                    np.concatenate([mask[None], cands]),
+                    config.eval_batch,
+                    ledger,
+                    None if teacher_val is None else teacher_val[pick.to(teacher_val.device)],
+                    config.finetune.temperature,
                 )
                 current, acc, loss = float(acc[0]), acc[1:], loss[1:]
             else:
-                acc, loss = evaluate_candidates(model, val, cands, config.eval_batch, ledger)
+                acc, loss = evaluate_candidates(
+                    model, val, cands, config.eval_batch, ledger, teacher_val, config.finetune.temperature
+                )
                 current = state["acc"]
             best = int(
                 np.lexsort((loss, -acc))[0] if config.select == "accuracy" else np.lexsort((-acc, loss))[0]
@@ -364,6 +423,20 @@ def bcd_linearize(
             if bar is not None:
                 bar.update(int(costs[block].sum()))
                 bar.set_postfix(relus=live, val=f"{state['acc']:.4f}")
+        if live <= config.budget and config.end_finetune > 0 and not state.get("end_done", False):
+            _finetune_round(
+                model,
+                teacher_logits,
+                train,
+                val,
+                config,
+                state,
+                ledger,
+                live,
+                "finetune (end)",
+                config.end_finetune,
+            )
+            state["end_done"] = True
     finally:
         if bar is not None:
             bar.close()

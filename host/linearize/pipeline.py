@@ -5,7 +5,9 @@ For each budget ``B`` (one shared SNL L1 path, see :mod:`.snl`):
 * **SNL**: the path's snapshot at ``B``, binarized to ``B`` ReLUs, then fine-tuned.
 * **BCD**: the path's snapshot at ``warm_factor * B`` binarized there and fine-tuned for
   ``bcd.warm_finetune`` epochs (SNL's own solution at the larger budget: the bare thresholded
-  snapshot is near chance), BCD down to ``B``, then the same fine-tuning.
+  snapshot is near chance), BCD down to ``B``, then the same fine-tuning. BCD gets the warm
+  snapshot's SNL scores as its sampling prior (used when ``bcd.prior_temperature`` is set) and, with
+  ``bcd.select="kd"``, the teacher's validation logits (their forward pass charged to BCD).
 
 Compute is matched in sample passes (:class:`~.train.Ledger`): the SNL path up to where each
 method leaves it, BCD's warm fine-tune, candidate evaluations and fine-tune rounds are all charged,
@@ -135,7 +137,20 @@ def compare_methods(
             if config.bcd_steps is not None:
                 drc = max(1, -(-(warm[b] - b) // config.bcd_steps))
             bcd_cfg = BcdConfig(**{**config.bcd.__dict__, "budget": b, "seed": seed, "drc": drc})
-            res = bcd_linearize(model_b, teacher_logits, train, val, bcd_cfg, ledger=led_b, progress=progress)
+            val_teacher = None
+            if bcd_cfg.select == "kd":  # the teacher's outputs on the validation split, charged to BCD
+                val_teacher = logits_of(teacher, val.x, ledger=led_b)
+            res = bcd_linearize(
+                model_b,
+                teacher_logits,
+                train,
+                val,
+                bcd_cfg,
+                ledger=led_b,
+                progress=progress,
+                val_teacher_logits=val_teacher,
+                prior=snap_w.scores,
+            )
             histories[b] = res.history
             bcd_search_s = (
                 time.perf_counter() - t1 + path_seconds * snap_w.ledger.units / max(1, ledger.units)
