@@ -319,20 +319,13 @@ def bcd_linearize(
         log.info("BCD resumed from %s at %d ReLUs", ckpt, state["history"][-1][0])
     mask = flat_mask(model)
     live = int((mask * costs).sum())
+
+    def do_finetune(event: str, epochs: float | None = None) -> None:  # at the current ``live``
+        _finetune_round(model, teacher_logits, train, val, config, state, ledger, live, event, epochs)
+
     if config.warm_finetune > 0 and state["rounds"] == 0 and len(state["history"]) == 1:
         t_start = time.perf_counter()
-        _finetune_round(
-            model,
-            teacher_logits,
-            train,
-            val,
-            config,
-            state,
-            ledger,
-            live,
-            "finetune (warm start)",
-            config.warm_finetune,
-        )
+        do_finetune("finetune (warm start)", config.warm_finetune)
         ledger.seconds += time.perf_counter() - t_start
     removed_set = set(state["removed"])
     teacher_val = val_teacher_logits if config.select == "kd" else None
@@ -344,9 +337,6 @@ def bcd_linearize(
         bar.set_postfix(relus=live, val=f"{state['acc']:.4f}")
     t0 = time.perf_counter()
     steps = 0
-
-    def do_finetune(event: str) -> None:
-        _finetune_round(model, teacher_logits, train, val, config, state, ledger, live, event)
 
     def checkpoint_now() -> None:
         ledger.seconds += time.perf_counter() - t0_box[0]
@@ -424,18 +414,7 @@ def bcd_linearize(
                 bar.update(int(costs[block].sum()))
                 bar.set_postfix(relus=live, val=f"{state['acc']:.4f}")
         if live <= config.budget and config.end_finetune > 0 and not state.get("end_done", False):
-            _finetune_round(
-                model,
-                teacher_logits,
-                train,
-                val,
-                config,
-                state,
-                ledger,
-                live,
-                "finetune (end)",
-                config.end_finetune,
-            )
+            do_finetune("finetune (end)", config.end_finetune)
             state["end_done"] = True
     finally:
         if bar is not None:
