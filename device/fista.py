@@ -43,6 +43,7 @@ __all__ = [
     "fista_init",
     "fista_step",
     "group_norms",
+    "kkt_normaliser",
     "kkt_residual",
     "prox_group",
 ]
@@ -326,11 +327,18 @@ def make_operator(
 
 
 # ----------------------------------------------------------------------------- certificate
-def kkt_residual(op: _RowOp | _GramOp, V: np.ndarray, lam: float, grad: np.ndarray, group: Group) -> float:
+def kkt_normaliser(op: _RowOp | _GramOp, group: Group) -> float:
+    """``||grad f(0)||`` over groups, ``grad f(0) = -(1/n) A^T Y``: what the KKT residual is relative to."""
+    return float(np.linalg.norm(group_norms(op.aty(), group))) / op.n
+
+
+def kkt_residual(
+    op: _RowOp | _GramOp, V: np.ndarray, lam: float, grad: np.ndarray, group: Group, g0: float | None = None
+) -> float:
     """Relative residual of ``0 in grad f(V) + lam d R(V)`` (the host's definition).
 
     Per group ``r_g = ||grad_g + lam V_g / ||V_g||||`` if ``V_g != 0`` else ``max(0, ||grad_g|| - lam)``;
-    returns ``sqrt(sum r_g^2) / ||grad f(0)||`` with ``grad f(0) = -(1/n) A^T Y``.
+    returns ``sqrt(sum r_g^2) / g0`` with ``g0`` = :func:`kkt_normaliser` (computed when not given).
     """
     vn = group_norms(V, group)
     active = vn > 0
@@ -338,7 +346,7 @@ def kkt_residual(op: _RowOp | _GramOp, V: np.ndarray, lam: float, grad: np.ndarr
     t = V * _bcast(scale, group)  # lam V_g / ||V_g|| (zero where V_g = 0)
     t += grad
     r = np.where(active, group_norms(t, group), np.maximum(group_norms(grad, group) - lam, 0.0))
-    g0 = float(np.linalg.norm(group_norms(op.aty(), group))) / op.n
+    g0 = kkt_normaliser(op, group) if g0 is None else g0
     return float(np.linalg.norm(r)) / max(g0, _TINY)
 
 

@@ -545,21 +545,21 @@ class RefitRuntime:
         moved: _Renorm | None = None  # applied to the stored rows; undone unless the candidate commits
         committed = False
         try:
-            before = float("nan")
-            if cfg.renormalize != "off" and self.buffer.n_train >= cfg.min_train and self.buffer.n_val:
-                val = self.buffer.snapshot()
-                before = _val_loss(head, val.val_Z, val.val_Y)  # in the serving normalisation
-                del val
-                moved = self._renormalize(head, cfg.renormalize)
-            snap = self.buffer.snapshot(_chunked_masks(head))  # masks depend on the gates only
-            n_val = snap.val_Z.shape[0]
-            if snap.train is None or snap.n_train < cfg.min_train or n_val < cfg.min_val:
+            n_train, n_val = self.buffer.n_train, self.buffer.n_val
+            if n_train < cfg.min_train or n_val < cfg.min_val:
                 return RefitResult(
                     "rejected",
-                    f"too few samples: {snap.n_train} training (need {cfg.min_train}), {n_val} held-out "
+                    f"too few samples: {n_train} training (need {cfg.min_train}), {n_val} held-out "
                     f"(need {cfg.min_val}); observe more",
-                    n_train=snap.n_train, n_val=n_val, seconds=time.perf_counter() - t0,
+                    n_train=n_train, n_val=n_val, seconds=time.perf_counter() - t0,
                 )  # fmt: skip
+            held_out = self.buffer.snapshot()
+            before = _val_loss(head, held_out.val_Z, held_out.val_Y)  # in the serving normalisation
+            del held_out
+            if cfg.renormalize != "off":
+                moved = self._renormalize(head, cfg.renormalize)
+            snap = self.buffer.snapshot(_chunked_masks(head))  # masks depend on the gates only
+            assert snap.train is not None  # n_train >= min_train >= 1
             lam = head.lam if cfg.lam is None else float(cfg.lam)
             fcfg: FistaConfig | BcdConfig | MomentumConfig = cfg.fista
             if solver in ("bcd", "momentum"):
@@ -588,7 +588,7 @@ class RefitRuntime:
             kkt, converged = out.kkt, out.converged
             common = {
                 "iterations": out.iterations, "converged": converged, "kkt_residual": kkt,
-                "n_train": snap.n_train, "n_val": n_val, "solve_seconds": out.seconds, "lam": lam,
+                "n_train": n_train, "n_val": n_val, "solve_seconds": out.seconds, "lam": lam,
                 "solver": solver, "renormalized": moved is not None,
             }  # fmt: skip
             if cancelled and not converged:
@@ -605,7 +605,7 @@ class RefitRuntime:
                 self._last_step = out.step
             x = out.x
             del out  # release the solver's memory (residual, images) before the candidate is built
-            val_Z, val_Y, n_train = snap.val_Z, snap.val_Y, snap.n_train
+            val_Z, val_Y = snap.val_Z, snap.val_Y
             del snap  # and the training masks
             if not all(np.isfinite(x[i]).all() for i in range(x.shape[0])):
                 return RefitResult(
@@ -621,8 +621,6 @@ class RefitRuntime:
                 mean=None if moved is None else moved.mean,
                 std=None if moved is None else moved.std,
             )  # fmt: skip
-            if moved is None:
-                before = _val_loss(head, val_Z, val_Y)
             after = _val_loss(cand, val_Z, val_Y)
             sst = _val_sst(val_Y)
             r2 = 1.0 - after / sst if sst > 0 else float("-inf")

@@ -28,7 +28,7 @@ from convexedge.device.fista import (
     RowData,
     fista_init,
     fista_step,
-    group_norms,
+    kkt_normaliser,
     kkt_residual,
     make_operator,
 )
@@ -117,9 +117,9 @@ def solve(
     ts = time.perf_counter()
     op = make_operator(train, config, anchor=V0, mu=anchor_mu)
     state = fista_init(op, lam, config, V0, group)  # type: ignore[arg-type]
-    g0 = float(np.linalg.norm(group_norms(op.aty(), group))) / op.n  # type: ignore[arg-type]
+    g0 = kkt_normaliser(op, group)  # type: ignore[arg-type]
     tol = certifiable_tol(config.tol, anchor_mu, V0, g0)
-    kkt = kkt_residual(op, state.x, lam, state.grad_x, group)  # type: ignore[arg-type]
+    kkt = kkt_residual(op, state.x, lam, state.grad_x, group, g0)  # type: ignore[arg-type]
     converged = kkt <= tol
     cancelled = False
     while not converged and state.it < config.max_iter:
@@ -129,7 +129,7 @@ def solve(
         if time.perf_counter() >= deadline:
             break
         state = fista_step(op, lam, config, state, group)  # type: ignore[arg-type]
-        kkt = kkt_residual(op, state.x, lam, state.grad_x, group)  # type: ignore[arg-type]
+        kkt = kkt_residual(op, state.x, lam, state.grad_x, group, g0)  # type: ignore[arg-type]
         converged = kkt <= tol
         if on_iter is not None:
             on_iter(state.it, state.fx, kkt)
