@@ -9,6 +9,10 @@ by a student fitted label-free on the teacher's activations of K unlabeled train
 * ``convex_pruned_polished``: the same after optimal-set pruning (``prune_to_minimal``) and a group
   elastic-net refit of the kept gates (``convexedge.host.polish``), kept only where it lowers the
   held-out loss;
+* ``convex_lowrank``: the ``convex`` student in neuron form (``convexedge.host.lowrank``): per-gate
+  SVD, the fewest neurons (global singular-value order) whose least-squares-refitted second layer is
+  within ``--lowrank-tolerance`` of the unfactored student's held-out activation loss. BM and
+  non-convex students are trained again at *its* size (rows with ``size_of: convex_lowrank``);
 * ``bm``: the conv Burer-Monteiro form ``CNN3_1x1(CNN2(z) * 1[CNN1(z) >= 0])`` with CNN1 frozen,
   trained with Adam;
 * ``nonconvex``: conv kxk -> ReLU -> conv 1x1 of the convex student's parameter count, Adam;
@@ -19,7 +23,8 @@ by a student fitted label-free on the teacher's activations of K unlabeled train
   the label-free summary figures.
 
 BM, non-convex and pruned students get the same data and the same wall time as the convex solve
-(the solve's seconds, at least ``--min-budget``). Labels: the K images per class are chosen with the
+(the solve's seconds, at least ``--min-budget``; for the ``convex_lowrank`` size, the solve's plus the
+factorization's seconds). Labels: the K images per class are chosen with the
 training labels (choosing a class-balanced sample needs them); capture, solves and training read
 images and activations only. Labels are read again only for top-1 on the test sets: the 10,000
 JPEG-decoded CIFAR-10 test images (``shared/data/cifar10``) and the exact test images 0..999
@@ -64,14 +69,15 @@ from convexedge.host.distill import (
     swap_span_,
 )
 from convexedge.host.evaluate import count_macs, count_parameters, top1
+from convexedge.host.lowrank import LowRankConfig, factorize
 from convexedge.host.polish import PolishConfig, polish
 from convexedge.host.prune import prune_to_minimal
 from convexedge.host.solvers import FistaConfig
-from convexedge.host.students import GatedConvStudent
+from convexedge.host.students import GatedConvStudent, LowRankGatedConvStudent
 from convexedge.models import BUNDLED_DATA_DIR, load_teacher, teacher_normalization
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-KINDS = ("convex", "convex_pruned_polished", "bm", "nonconvex", "magnitude_pruned")
+KINDS = ("convex", "convex_pruned_polished", "convex_lowrank", "bm", "nonconvex", "magnitude_pruned")
 
 
 def _load_resnet20(weights: str | None = None):
@@ -235,10 +241,27 @@ def run_cell(args, teacher, span, k, train, tests, transform, base) -> list[dict
     # (a') optimal-set pruning + polishing
     if "convex_pruned_polished" in args.kinds:
         _pruned_polished(args, problem, val_problem, chosen, solve_s, G, geom, record)
+    sizes = [("convex", convex, solve_s)]
+    if "convex_lowrank" in args.kinds:
+        t0 = time.perf_counter()
+        lr = factorize(problem, val_problem, chosen.result.V, LowRankConfig(tolerance=args.lowrank_tolerance))
+        lowrank = LowRankGatedConvStudent(lr.A, lr.W, G, lr.gate_of, geom, output_relu=True)
+        lr_s = solve_s + time.perf_counter() - t0
+        record(
+            "convex_lowrank",
+            lowrank,
+            lr_s,
+            {"neurons": lr.neurons, "active_gates": lowrank.num_gates, "lam_ratio": chosen.lam_ratio,
+             "val_loss": lr.val_loss, "val_loss_unfactored": lr.val_loss_full, "accepted": lr.accepted,
+             "candidates": lr.candidates,
+             "criterion": "held-out 1/(2n)||pred - Y||^2 (pre-ReLU) within tolerance of the unfactored"},
+        )  # fmt: skip
+        sizes.append(("convex_lowrank", lowrank, lr_s))
     if not {"bm", "nonconvex", "magnitude_pruned"} & set(args.kinds):
         return rows
-    _baselines(args, span, span_mod, convex, geom, c_out, solve_s, base, fit_in, fit_out, val_in, val_out,
-               record)  # fmt: skip
+    for size_of, ref, seconds in sizes:
+        _baselines(args, span, span_mod, ref, geom, c_out, seconds, base, fit_in, fit_out, val_in, val_out,
+                   record, size_of=size_of)  # fmt: skip
     return rows
 
 
@@ -264,9 +287,9 @@ def _pruned_polished(args, problem, val_problem, chosen, solve_s, G, geom, recor
 
 
 def _baselines(args, span, span_mod, convex, geom, c_out, solve_s, base, fit_in, fit_out, val_in, val_out,
-               record) -> None:  # fmt: skip
+               record, size_of="convex") -> None:  # fmt: skip
 
-    # equal-size baselines, same data and wall time as the convex solve
+    # equal-size baselines, same data and wall time as the convex student they are sized to
     target = span_parameters(convex)
     budget = max(args.min_budget, solve_s)
     cfg = TrainConfig(
@@ -283,14 +306,14 @@ def _baselines(args, span, span_mod, convex, geom, c_out, solve_s, base, fit_in,
     jobs = [(kind, student, True) for kind, student in students.items() if kind in args.kinds]
     # the pruned teacher at milder compressions: where the size/accuracy curve meets the teacher
     span_total = base["span_params"][span]
-    for factor in args.prune_compressions if "magnitude_pruned" in args.kinds else ():
+    for factor in args.prune_compressions if "magnitude_pruned" in args.kinds and size_of == "convex" else ():
         jobs.append(("magnitude_pruned", PrunedSpan(span_mod, int(span_total / factor)), False))
     for kind, student, equal in jobs:
         res = train_student(student, fit_in, fit_out, cfg, val=(val_in, val_out))
         record(
             kind, res.module, res.seconds,
             {"status": res.status, "epochs": res.epochs, "val_loss": res.val_loss, "time_budget_s": budget,
-             "equal_size": equal},
+             "equal_size": equal, "size_of": size_of},
         )  # fmt: skip
 
 
@@ -332,13 +355,13 @@ def summarize(rows: list[dict], last: str = "layer3") -> dict:
     t = teacher["top1"]
     out: dict = {"teacher_top1": t, "teacher_top1_exact1k": teacher["top1_exact1k"]}
 
-    def find(kind: str, k: int) -> dict | None:
+    def find(kind: str, k: int, size_of: str = "convex") -> dict | None:
         return next(
             (
                 r
                 for r in rows
                 if r["student"] == kind and r["span"] == last and r["samples_per_class"] == k
-                and r.get("equal_size", True)
+                and r.get("equal_size", True) and r.get("size_of", "convex") == size_of
             ),
             None,
         )  # fmt: skip
@@ -349,6 +372,10 @@ def summarize(rows: list[dict], last: str = "layer3") -> dict:
             out[f"convex_minus_nonconvex_at_{k}pc"] = 100 * (cv["top1"] - nc["top1"])
             if cpp:
                 out[f"pruned_polished_minus_nonconvex_at_{k}pc"] = 100 * (cpp["top1"] - nc["top1"])
+        lr, nc_lr = find("convex_lowrank", k), find("nonconvex", k, "convex_lowrank")
+        if lr and nc_lr:
+            out[f"lowrank_minus_nonconvex_at_{k}pc"] = 100 * (lr["top1"] - nc_lr["top1"])
+            out[f"lowrank_span_compression_at_{k}pc"] = lr["span_compression"]
     out.setdefault("convex_minus_nonconvex_at_100pc", None)
     within = [r for r in rows if r["span"] == last and r["student"] != "teacher" and r["top1"] >= t - 0.02]
     best = max(within, key=lambda r: r["span_compression"], default=None)
@@ -431,6 +458,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tol", type=float, default=1e-4)
     ap.add_argument("--max-iter", type=int, default=500)
     ap.add_argument("--val-fraction", type=float, default=0.1)
+    ap.add_argument(
+        "--lowrank-tolerance", type=float, default=0.02,
+        help="convex_lowrank: relative held-out loss increase allowed over the unfactored student",
+    )  # fmt: skip
     ap.add_argument("--epochs", type=int, default=1000, help="upper bound; the time budget ends training")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--batch-size", type=int, default=32)

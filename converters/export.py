@@ -72,7 +72,8 @@ class ExportOptions:
 
 # ----------------------------------------------------------------------------- gates
 def torch_gate_masks(model, x: np.ndarray, batch_size: int = 500) -> list[np.ndarray]:
-    """Masks ``1[conv(z, g_i) >= 0]`` of every :class:`GatedConvStudent` in ``model`` on inputs ``x``.
+    """Masks ``1[conv(z, g_i) >= 0]`` of every gated conv student (:class:`GatedConvStudent`,
+    :class:`LowRankGatedConvStudent`) in ``model`` on inputs ``x``.
 
     Returns:
         one (N, P, H, W) bool array per student, in module order.
@@ -80,9 +81,9 @@ def torch_gate_masks(model, x: np.ndarray, batch_size: int = 500) -> list[np.nda
     import torch
     import torch.nn.functional as F
 
-    from convexedge.host.students import GatedConvStudent
+    from convexedge.host.students import GatedConvStudent, LowRankGatedConvStudent
 
-    students = [m for m in model.modules() if isinstance(m, GatedConvStudent)]
+    students = [m for m in model.modules() if isinstance(m, (GatedConvStudent, LowRankGatedConvStudent))]
     if not students:
         return []
     grabbed: dict[int, list[np.ndarray]] = {k: [] for k in range(len(students))}
@@ -298,6 +299,11 @@ def _int8_refit(opt: ExportOptions, out: Path, *, fp32_path: Path, plain: Path, 
     from convexedge.models import BUNDLED_DATA_DIR, load_teacher, teacher_normalization
 
     student, manifest = load_student(opt.model)
+    if manifest.get("kind", "gated_conv") != "gated_conv":
+        raise ArtifactError(
+            f"{opt.model}: the int8 refit re-solves the full convex student; this folder holds a "
+            f"{manifest.get('kind')!r} student (use --no-int8-refit, or distill with --no-lowrank)"
+        )
     if "lam" not in manifest:
         raise ArtifactError(
             f"{opt.model}/student.json has no 'lam'; cannot refit for int8 (use --no-int8-refit)"

@@ -171,6 +171,13 @@ def _build_parser() -> argparse.ArgumentParser:
     dis.add_argument("--test-images", type=_positive_int, default=None, help="limit of test images")
     dis.add_argument("--kernel-size", type=_positive_int, default=3, help="student kernel (odd)")
     dis.add_argument("--no-polish", action="store_true", help="skip optimal-set pruning and polishing")
+    dis.add_argument(
+        "--no-lowrank", action="store_true", help="skip the neuron-form (per-gate SVD + refit) compression"
+    )
+    dis.add_argument(
+        "--lowrank-tolerance", type=float, default=0.02,
+        help="neuron form: relative held-out loss increase allowed over the unfactored student",
+    )  # fmt: skip
     dis.add_argument("--kd", action="store_true", help="extra row: end-to-end KD fine-tune (T=4) of the swap")
     dis.add_argument("--kd-epochs", type=_positive_int, default=20, help="KD epochs (upper bound)")
     dis.add_argument("--kd-seconds", type=float, default=None, help="KD time budget in seconds")
@@ -279,6 +286,8 @@ def _run_distill_command(args: argparse.Namespace) -> None:
             tol=args.tol,
             max_iter=args.max_iter,
             polish=not args.no_polish,
+            lowrank=not args.no_lowrank,
+            lowrank_tolerance=args.lowrank_tolerance,
             kd=args.kd,
             kd_epochs=args.kd_epochs,
             kd_seconds=args.kd_seconds,

@@ -24,7 +24,13 @@ import torch
 from convexedge.device.errors import ArtifactError, DataError
 from convexedge.host.gates import GateSpec, gate_masks, sample_gates
 from convexedge.host.solvers import FistaConfig, GatedProblem, SolveResult, solve
-from convexedge.host.students import ConvGeometry, GatedConvStudent, image_to_rows, patch_matrix
+from convexedge.host.students import (
+    ConvGeometry,
+    GatedConvStudent,
+    LowRankGatedConvStudent,
+    image_to_rows,
+    patch_matrix,
+)
 
 __all__ = [
     "PathPoint",
@@ -36,6 +42,7 @@ __all__ = [
     "load_compressed_model",
     "load_student",
     "make_gates",
+    "save_lowrank_student",
     "save_student",
     "select_by_validation",
     "span_module",
@@ -176,6 +183,35 @@ def save_student(
     The JSON holds ``meta`` plus the format version, shapes, dtypes and the SHA-256 of each array.
     The JSON is written last and atomically, so a reader that finds it finds a complete ``.npz``.
     """
+    arrays = {"V": np.ascontiguousarray(V, np.float32), "G": np.ascontiguousarray(G, np.float32)}
+    return _write_student(folder, name, arrays, meta)
+
+
+def save_lowrank_student(
+    folder: str, name: str, student: LowRankGatedConvStudent, meta: dict
+) -> tuple[str, str]:
+    """Write a :class:`LowRankGatedConvStudent` like :func:`save_student`.
+
+    Arrays: ``A`` (d, R), ``W`` (R, c), ``G`` (d, P) float32 and ``gate_of`` (R,) int32; the
+    manifest's ``kind`` is ``"gated_conv_lowrank"``.
+    """
+    A, W, G, gate_of = student.factors()
+    arrays = {
+        "A": np.ascontiguousarray(A.cpu().numpy(), np.float32),
+        "W": np.ascontiguousarray(W.cpu().numpy(), np.float32),
+        "G": np.ascontiguousarray(G.cpu().numpy(), np.float32),
+        "gate_of": np.ascontiguousarray(gate_of.cpu().numpy(), np.int32),
+    }
+    meta = {
+        **meta,
+        "kind": "gated_conv_lowrank",
+        "geometry": student.geom.to_dict(),
+        "output_relu": student.output_relu,
+    }
+    return _write_student(folder, name, arrays, meta)
+
+
+def _write_student(folder: str, name: str, arrays: dict[str, np.ndarray], meta: dict) -> tuple[str, str]:
     import hashlib
     import json
     import os
@@ -183,7 +219,6 @@ def save_student(
 
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
-    arrays = {"V": np.ascontiguousarray(V, np.float32), "G": np.ascontiguousarray(G, np.float32)}
     (out / f"{name}.json").unlink(missing_ok=True)  # the manifest marks a complete pair: remove it first
     np.savez(out / f"{name}.npz", **arrays)
     manifest = {
@@ -206,15 +241,22 @@ def save_student(
     return str(out / f"{name}.npz"), str(out / f"{name}.json")
 
 
-def load_student(folder: str, name: str = "student") -> tuple[GatedConvStudent, dict]:
-    """Read what :func:`save_student` wrote, checking format, shapes, dtypes and SHA-256.
+_STUDENT_ARRAYS = {"gated_conv": ("V", "G"), "gated_conv_lowrank": ("A", "W", "G", "gate_of")}
+
+
+def load_student(
+    folder: str, name: str = "student"
+) -> tuple[GatedConvStudent | LowRankGatedConvStudent, dict]:
+    """Read what :func:`save_student` or :func:`save_lowrank_student` wrote, checking format,
+    shapes, dtypes and SHA-256.
 
     Returns:
-        The :class:`GatedConvStudent` and its manifest.
+        The :class:`GatedConvStudent` (or :class:`LowRankGatedConvStudent` for a manifest of kind
+        ``gated_conv_lowrank``) and its manifest.
 
     Raises:
-        ArtifactError: a file is missing, unreadable, of another format/version, or an array does
-            not match the manifest.
+        ArtifactError: a file is missing, unreadable, of another format/version/kind, or an array
+            does not match the manifest.
     """
     import hashlib
     import json
@@ -233,13 +275,20 @@ def load_student(folder: str, name: str = "student") -> tuple[GatedConvStudent, 
             f"{root / (name + '.json')}: expected convexedge.student version 1, got "
             f"{manifest.get('format')!r} version {manifest.get('format_version')!r}"
         )
+    kind = manifest.get("kind", "gated_conv")
+    if kind not in _STUDENT_ARRAYS:
+        raise ArtifactError(
+            f"{root / (name + '.json')}: unknown student kind {kind!r}; known: {sorted(_STUDENT_ARRAYS)}"
+        )
     try:
         with np.load(root / f"{name}.npz", allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in ("V", "G")}
+            arrays = {k: npz[k] for k in _STUDENT_ARRAYS[kind]}
     except (FileNotFoundError, KeyError, ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
         raise ArtifactError(f"{root / (name + '.npz')}: missing, truncated or incomplete ({exc})") from None
     for key, arr in arrays.items():
-        spec = manifest["arrays"][key]
+        spec = manifest.get("arrays", {}).get(key)
+        if spec is None:
+            raise ArtifactError(f"{name}.json: no manifest entry for array {key}")
         if list(arr.shape) != spec["shape"] or str(arr.dtype) != spec["dtype"]:
             raise ArtifactError(
                 f"{name}.npz: {key} is {arr.dtype}{list(arr.shape)}, manifest says "
@@ -247,12 +296,17 @@ def load_student(folder: str, name: str = "student") -> tuple[GatedConvStudent, 
             )
         if hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest() != spec["sha256"]:
             raise ArtifactError(f"{name}.npz: SHA-256 of {key} does not match the manifest")
-    student = GatedConvStudent(
-        arrays["V"],
-        arrays["G"],
-        ConvGeometry(**manifest["geometry"]),
-        output_relu=bool(manifest.get("output_relu", False)),
-    )
+    geom = ConvGeometry(**manifest["geometry"])
+    relu = bool(manifest.get("output_relu", False))
+    if kind == "gated_conv_lowrank":
+        try:
+            student = LowRankGatedConvStudent(
+                arrays["A"], arrays["W"], arrays["G"], arrays["gate_of"], geom, output_relu=relu
+            )
+        except ValueError as exc:
+            raise ArtifactError(f"{name}.npz: inconsistent low-rank student ({exc})") from None
+        return student, manifest
+    student = GatedConvStudent(arrays["V"], arrays["G"], geom, output_relu=relu)
     return student, manifest
 
 

@@ -296,6 +296,8 @@ class PipelineOptions:
     tol: float = 1e-4
     max_iter: int = 500
     polish: bool = True  # optimal-set pruning + group elastic-net refit, kept if held-out loss drops
+    lowrank: bool = True  # neuron form (per-gate SVD + least-squares refit), kept if within tolerance
+    lowrank_tolerance: float = 0.02  # relative held-out loss increase allowed by the neuron form
     kd: bool = False  # extra row: end-to-end KD fine-tune of the swapped model (not label-free figures)
     kd_temperature: float = 4.0
     kd_epochs: int = 20
@@ -316,6 +318,8 @@ class PipelineOptions:
             raise ValueError(f"test_images must be >= 1, got {self.test_images}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if not self.lowrank_tolerance >= 0:
+            raise ValueError(f"lowrank_tolerance must be >= 0, got {self.lowrank_tolerance}")
 
 
 @dataclass
@@ -428,6 +432,7 @@ def run_pipeline(opt: PipelineOptions) -> dict:
         fit_path,
         infer_geometry,
         make_gates,
+        save_lowrank_student,
         save_student,
         select_by_validation,
         span_module,
@@ -478,7 +483,10 @@ def run_pipeline(opt: PipelineOptions) -> dict:
     )
     rows: list[dict] = []
     steps = (
-        ["capture", "solve"] + (["pruning", "polishing"] if opt.polish else []) + (["KD"] if opt.kd else [])
+        ["capture", "solve"]
+        + (["pruning", "polishing"] if opt.polish else [])
+        + (["neuron-form refit"] if opt.lowrank else [])
+        + (["KD"] if opt.kd else [])
     )
     report: dict = {
         "options": {k: (list(map(list, v)) if k == "spans" else v) for k, v in asdict(opt).items()},
@@ -600,27 +608,56 @@ def run_pipeline(opt: PipelineOptions) -> dict:
             if pol.improved:
                 V_final, final_kind = pol.V.float().cpu(), "convex_pruned_polished"
         student = GatedConvStudent(V_final, G, geom, output_relu=output_relu)
-        Vs = student.solution().numpy()
         keep = np.abs(V_final.numpy()).reshape(V_final.shape[0], -1).max(1) > 0
-        save_student(
-            str(folder),
-            "student",
-            Vs,
-            G[:, keep] if keep.any() else G[:, :1],
-            {
-                "kind": "gated_conv",
-                "span": span[0],
-                "span_modules": span,
-                "geometry": geom.to_dict(),
-                "gates": gspec.to_dict(),
-                "active_gate_indices": np.flatnonzero(keep).tolist(),
-                "output_relu": output_relu,
-                "lam": chosen.result.lam,
-                "lam_ratio": chosen.lam_ratio,
-                "student_kind": final_kind,
-                "teacher": spec.identity,
-            },
-        )
+        meta = {
+            "span": span[0],
+            "span_modules": span,
+            "geometry": geom.to_dict(),
+            "gates": gspec.to_dict(),
+            "output_relu": output_relu,
+            "lam": chosen.result.lam,
+            "lam_ratio": chosen.lam_ratio,
+            "teacher": spec.identity,
+        }
+        lowrank_info = None
+        if opt.lowrank:
+            from convexedge.host.lowrank import LowRankConfig, factorize
+            from convexedge.host.students import LowRankGatedConvStudent
+
+            t0 = time.perf_counter()
+            lr = factorize(
+                prob, val_prob, V_final.to(prob.Z.dtype), LowRankConfig(tolerance=opt.lowrank_tolerance)
+            )
+            small = LowRankGatedConvStudent(lr.A, lr.W, G, lr.gate_of, geom, output_relu=output_relu)
+            lr_s = time.perf_counter() - t0
+            smaller = small.num_parameters() < student.num_parameters()
+            lowrank_info = {
+                "neurons": lr.neurons,
+                "accepted": lr.accepted,
+                "smaller": smaller,
+                "val_loss": lr.val_loss,
+                "val_loss_unfactored": lr.val_loss_full,
+                "candidates": lr.candidates,
+                "seconds": lr_s,
+            }
+            row("convex_lowrank", small, solve_s + lr_s, neurons=lr.neurons, val_loss=lr.val_loss)
+            if lr.accepted and smaller:
+                student, final_kind = small, "convex_lowrank"
+        if final_kind == "convex_lowrank":
+            save_lowrank_student(str(folder), "student", student, {**meta, "student_kind": final_kind})
+        else:
+            save_student(
+                str(folder),
+                "student",
+                student.solution().numpy(),
+                G[:, keep] if keep.any() else G[:, :1],
+                {
+                    **meta,
+                    "kind": "gated_conv",
+                    "active_gate_indices": np.flatnonzero(keep).tolist(),
+                    "student_kind": final_kind,
+                },
+            )
         span_report = {
             "modules": span,
             "input_shape": list(fit_in.shape[1:]),
@@ -642,6 +679,7 @@ def run_pipeline(opt: PipelineOptions) -> dict:
                 for p in points
             ],
             "polish": polish_info,
+            "lowrank": lowrank_info,
         }
         if opt.kd:
             from convexedge.host.kd import KDConfig, kd_finetune

@@ -23,6 +23,7 @@ __all__ = [
     "ConvGeometry",
     "GatedConvStudent",
     "GatedMLPStudent",
+    "LowRankGatedConvStudent",
     "image_to_rows",
     "patch_matrix",
     "rows_to_image",
@@ -143,6 +144,96 @@ class GatedConvStudent(nn.Module):
         """Multiply-accumulates per sample for an input of spatial size ``in_hw``."""
         h, w = self.geom.out_hw(*in_hw)
         per_pos = (self.geom.d - 1) * self.num_gates * (self.out_channels + 1)
+        return h * w * per_pos
+
+
+class LowRankGatedConvStudent(nn.Module):
+    """A factored convex student: ``sum_j 1[conv(z, g_{gate_of[j]}) >= 0] conv(z, a_j) w_j``.
+
+    The neuron form of :class:`GatedConvStudent` (see :mod:`convexedge.host.lowrank`): ``R``
+    neurons, each a ``k x k`` filter ``a_j`` gated by one of the fixed gates, summed by a 1x1 conv.
+    It costs ``R (C k^2 + 1 + c)`` parameters instead of ``P (C k^2 + 1) c``.
+
+    Args:
+        A: (C*k*k + 1, R) neuron filters (last row = bias), columns in patch order.
+        W: (R, c_out) second layer.
+        G: (C*k*k + 1, P) fixed gates (only the columns some neuron uses are kept).
+        gate_of: (R,) the gate (column of ``G``) of each neuron.
+        geom: the patch geometry of the convex problem.
+        output_relu: ReLU on the output (as :class:`GatedConvStudent`).
+
+    The gate-to-neuron expansion is a fixed one-hot 1x1 conv, so exports see only ``Conv``, ``Mul``
+    and comparison ops.
+    """
+
+    def __init__(
+        self,
+        A: np.ndarray | torch.Tensor,
+        W: np.ndarray | torch.Tensor,
+        G: np.ndarray | torch.Tensor,
+        gate_of: np.ndarray | torch.Tensor,
+        geom: ConvGeometry,
+        *,
+        output_relu: bool = False,
+    ) -> None:
+        super().__init__()
+        A, W, G = _as_tensor(A), _as_tensor(W), _as_tensor(G)
+        gate_of = torch.as_tensor(np.asarray(gate_of), dtype=torch.int64)
+        R = A.shape[1] if A.ndim == 2 else -1
+        if (
+            A.ndim != 2
+            or A.shape[0] != geom.d
+            or W.ndim != 2
+            or W.shape[0] != R
+            or G.ndim != 2
+            or G.shape[0] != geom.d
+            or gate_of.shape != (R,)
+        ):
+            raise ValueError(
+                f"expected A ({geom.d}, R), W (R, c), G ({geom.d}, P), gate_of (R,); got A "
+                f"{tuple(A.shape)}, W {tuple(W.shape)}, G {tuple(G.shape)}, gate_of {tuple(gate_of.shape)}"
+            )
+        if R < 1 or int(gate_of.min()) < 0 or int(gate_of.max()) >= G.shape[1]:
+            raise ValueError(f"need R >= 1 neurons with gate_of in [0, {G.shape[1]}), got {gate_of.tolist()}")
+        used, local = torch.unique(gate_of, return_inverse=True)  # keep only the gates in use
+        G = G[:, used]
+        P, c = G.shape[1], W.shape[1]
+        k, cin = geom.kernel_size, geom.in_channels
+        self.geom, self.output_relu = geom, output_relu
+        self.num_gates, self.num_neurons, self.out_channels = P, R, c
+        self.register_buffer("gate_weight", G[:-1].T.reshape(P, cin, k, k).contiguous())
+        self.register_buffer("gate_bias", G[-1].contiguous())
+        self.register_buffer("gate_index", used.clone())  # columns of the G passed in
+        self.register_buffer("expand", F.one_hot(local, P).float().reshape(R, P, 1, 1).contiguous())
+        self.weight = nn.Parameter(A[:-1].T.reshape(R, cin, k, k).contiguous())
+        self.bias = nn.Parameter(A[-1].contiguous())
+        self.out_weight = nn.Parameter(W.T.reshape(c, R, 1, 1).contiguous())
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        g = self.geom
+        masks = (F.conv2d(z, self.gate_weight, self.gate_bias, g.stride, g.padding) >= 0).to(z.dtype)
+        h = F.conv2d(z, self.weight, self.bias, g.stride, g.padding) * F.conv2d(masks, self.expand)
+        out = F.conv2d(h, self.out_weight)
+        return out.clamp_min(0) if self.output_relu else out
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(A, W, G, gate_of)`` with ``G`` the kept gates and ``gate_of`` indexing its columns."""
+        R, c, P = self.num_neurons, self.out_channels, self.num_gates
+        A = torch.cat([self.weight.detach().reshape(R, -1).T, self.bias.detach().reshape(1, R)], dim=0)
+        W = self.out_weight.detach().reshape(c, R).T
+        G = torch.cat([self.gate_weight.reshape(P, -1).T, self.gate_bias.reshape(1, P)], dim=0)
+        return A, W, G, self.expand.reshape(R, P).argmax(1)
+
+    def num_parameters(self, *, count_gates: bool = True) -> int:
+        n = self.weight.numel() + self.bias.numel() + self.out_weight.numel()
+        return n + (self.gate_weight.numel() + self.gate_bias.numel() if count_gates else 0)
+
+    def macs(self, in_hw: tuple[int, int]) -> int:
+        """Multiply-accumulates per sample for an input of spatial size ``in_hw``."""
+        h, w = self.geom.out_hw(*in_hw)
+        per_pos = (self.geom.d - 1) * (self.num_neurons + self.num_gates) + self.num_neurons * (
+            self.out_channels + 1
+        )
         return h * w * per_pos
 
 

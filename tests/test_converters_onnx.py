@@ -92,6 +92,36 @@ def test_small_student_alone_exports_exactly(tmp_path):
     assert res.max_abs_diff <= 1e-4
 
 
+def test_lowrank_student_exports_exactly_and_reloads(tmp_path):
+    from convexedge.host.distill import load_compressed_model, save_lowrank_student
+    from convexedge.host.lowrank import neurons_of
+    from convexedge.host.students import LowRankGatedConvStudent
+    from convexedge.models import load_teacher
+
+    geom = ConvGeometry(in_channels=32, kernel_size=3, stride=2, padding=1)
+    _, G = make_gates(geom.d, 3, seed=0)
+    V = torch.from_numpy(np.random.default_rng(0).standard_normal((3, geom.d, 64)).astype(np.float32) * 0.05)
+    A, W, gate_of = neurons_of(V)
+    student = LowRankGatedConvStudent(A[:, :50], W[:50], G, gate_of[:50], geom, output_relu=True)
+    save_lowrank_student(
+        str(tmp_path), "student", student, {"span": "layer3", "teacher": _teacher_identity()}
+    )
+    model = load_compressed_model(str(tmp_path))
+    path = export_onnx(model, tmp_path / "m.onnx")
+    x = np.random.default_rng(2).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        ref = swapped(load_teacher(), "layer3", student).eval()(torch.from_numpy(x)).numpy()
+    assert compare_outputs(ref, run_onnx(path, x)).max_abs_diff <= 1e-4
+    ops = onnx_ops(path)
+    assert "GreaterOrEqual" in ops and "Transpose" not in ops
+
+
+def _teacher_identity() -> dict:
+    from convexedge.models import TEACHER_WEIGHTS
+
+    return {"architecture": "resnet20", "weights": TEACHER_WEIGHTS.name}
+
+
 def test_truncated_file_is_a_clear_error(exported, tmp_path):
     out, _ = exported
     data = (out / "model.onnx").read_bytes()

@@ -104,3 +104,22 @@ def test_ops_outside_tflm_and_bad_inputs(compressed, tmp_path):
         tflite_ops(bad)
     with pytest.raises(ValueError, match="calibration must be"):
         quantize_tflite_int8(compressed[1], tmp_path / "x.tflite", np.zeros((0, 3, 32, 32), np.float32))
+
+
+def test_lowrank_student_converts_with_parity(tmp_path):
+    from convexedge.host.lowrank import neurons_of
+    from convexedge.host.students import LowRankGatedConvStudent
+
+    geom = ConvGeometry(in_channels=32, kernel_size=3, stride=2, padding=1)
+    _, G = make_gates(geom.d, 3, seed=0)
+    V = torch.from_numpy(np.random.default_rng(0).standard_normal((3, geom.d, 64)).astype(np.float32) * 0.05)
+    A, W, gate_of = neurons_of(V)
+    keep = slice(0, 40)  # a truncated network: 40 of 192 neurons
+    student = LowRankGatedConvStudent(A[:, keep], W[keep], G, gate_of[keep], geom, output_relu=True)
+    model = swapped(load_teacher(), "layer3", student).eval()
+    path = export_tflite(model, tmp_path / "lr.tflite")
+    x = np.random.default_rng(1).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    assert np.abs(run_tflite(path, x) - ref).max() <= 1e-4
+    assert "GREATER_EQUAL" in tflite_ops(path)

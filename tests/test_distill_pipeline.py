@@ -185,6 +185,36 @@ def test_saved_compressed_model_reproduces_its_row(pipeline_run, transform):
         model.layer3.gate_bias.numel() == row["span_params"]  # fmt: skip
 
 
+def test_pipeline_saves_the_neuron_form_when_it_is_accepted(label_free_dir, tmp_path, transform):
+    opt = PipelineOptions(model="resnet20", spans=(("layer3",),), data=str(label_free_dir), out=str(tmp_path),
+                          polish=False, lowrank_tolerance=1e9, test_images=40, **OPTS)  # fmt: skip
+    report = run_pipeline(opt)
+    info = report["spans"]["layer3"]["lowrank"]
+    assert (
+        info["accepted"] and info["smaller"] and report["spans"]["layer3"]["saved_kind"] == "convex_lowrank"
+    )
+    saved = json.loads((tmp_path / "student.json").read_text())
+    assert saved["kind"] == "gated_conv_lowrank" and saved["student_kind"] == "convex_lowrank"
+    row = next(r for r in report["rows"] if r["student"] == "convex_lowrank")
+    full = next(r for r in report["rows"] if r["student"] == "convex")
+    assert row["span_params"] < full["span_params"] and row["neurons"] == info["neurons"]
+    model = load_compressed_model(str(tmp_path))
+    with np.load(BUNDLED_DATA_DIR / "test_0000_0999.npz") as npz:
+        x, y = npz["x"][:40], npz["y"][:40]
+    with torch.no_grad():
+        pred = model(torch.from_numpy(transform(x))).argmax(1).numpy()
+    assert float((pred == y).mean()) == pytest.approx(row["top1"])
+
+
+def test_pipeline_without_lowrank_saves_the_full_student(label_free_dir, tmp_path):
+    opt = PipelineOptions(model="resnet20", spans=(("layer3",),), data=str(label_free_dir), out=str(tmp_path),
+                          polish=False, lowrank=False, test_images=10, **OPTS)  # fmt: skip
+    report = run_pipeline(opt)
+    assert report["spans"]["layer3"]["lowrank"] is None
+    assert "convex_lowrank" not in [r["student"] for r in report["rows"]]
+    assert json.loads((tmp_path / "student.json").read_text())["kind"] == "gated_conv"
+
+
 def test_pipeline_factory_model_two_module_span(label_free_dir, tmp_path):
     opt = PipelineOptions(model=FACTORY, spans=(("layer2", "layer3"), ("layer3",)), data=str(label_free_dir),
                           out=str(tmp_path), polish=False, test_images=10, **OPTS)  # fmt: skip
@@ -221,6 +251,7 @@ def test_pipeline_too_many_samples(label_free_dir, tmp_path):
         ({"spans": (("a", "b", "c"),)}, "span"),
         ({"kernel_size": 2}, "kernel_size"),
         ({"lam_ratios": (0.1, 0.1)}, "strictly decreasing"),
+        ({"lowrank_tolerance": -0.1}, "lowrank_tolerance"),
     ],
 )
 def test_pipeline_option_errors(kwargs, match):
