@@ -25,13 +25,15 @@ from convexedge.host.distill import (
     fit_path,
     infer_geometry,
     make_gates,
+    save_lowrank_student,
     save_student,
     select_by_validation,
 )
 from convexedge.host.evaluate import count_macs, count_parameters, predict_logits, top1
+from convexedge.host.lowrank import LowRankConfig, factorize
 from convexedge.host.report import format_table, plot_accuracy_vs_params, plot_convergence
 from convexedge.host.solvers import FistaConfig
-from convexedge.host.students import GatedConvStudent
+from convexedge.host.students import GatedConvStudent, LowRankGatedConvStudent
 from convexedge.host.swap import swapped
 from convexedge.models import BUNDLED_DATA_DIR, TEACHER_WEIGHTS, load_teacher, teacher_normalization
 
@@ -61,12 +63,16 @@ class DemoOptions:
     dtype: Literal["float32", "float64"] = "float32"
     progress: bool = True
     device_step: bool = True  # export a convex head, load it with convexedge.device, shift, refit
+    lowrank: bool = True  # neuron form of the selected student, saved when accepted and smaller
+    lowrank_tolerance: float = 0.02  # held-out loss increase the neuron form may cost (relative)
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if not 0.0 < self.val_fraction < 0.5:
             raise ValueError(f"val_fraction must lie in (0, 0.5), got {self.val_fraction}")
+        if not self.lowrank_tolerance >= 0:
+            raise ValueError(f"lowrank_tolerance must be >= 0, got {self.lowrank_tolerance}")
 
     def resolved(self) -> DemoOptions:
         """A copy with every ``None`` default filled in for the quick or full run."""
@@ -185,23 +191,54 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
         )
     best = rows[chosen_index]
     active = (chosen.result.V.flatten(1).abs().amax(1) > 0).cpu().numpy()
-    weights, manifest = save_student(
-        out,
-        "student",
-        chosen.result.V.float().cpu().numpy()[active],
-        G[:, active],
-        {
-            "kind": "gated_conv",
-            "span": opt.span,
-            "geometry": geom.to_dict(),
-            "gates": spec.to_dict(),
-            "active_gate_indices": np.flatnonzero(active).tolist(),
-            "output_relu": True,
-            "lam": chosen.result.lam,
-            "lam_ratio": chosen.lam_ratio,
-            "teacher": {"weights": TEACHER_WEIGHTS.name, "architecture": "resnet20"},
-        },
-    )
+    meta = {
+        "span": opt.span,
+        "geometry": geom.to_dict(),
+        "gates": spec.to_dict(),
+        "output_relu": True,
+        "lam": chosen.result.lam,
+        "lam_ratio": chosen.lam_ratio,
+        "teacher": {"weights": TEACHER_WEIGHTS.name, "architecture": "resnet20"},
+    }
+    neuron_form = None
+    if opt.lowrank:  # 4b. neuron form: per-gate SVD + least-squares refit, label-free acceptance
+        t0 = time.perf_counter()
+        lr = factorize(problem, val_problem, chosen.result.V, LowRankConfig(tolerance=opt.lowrank_tolerance))
+        small = LowRankGatedConvStudent(lr.A, lr.W, G, lr.gate_of, geom, output_relu=True).to(device)
+        model = swapped(teacher, opt.span, small)
+        neuron_form = {
+            "neurons": lr.neurons,
+            "gates": small.num_gates,
+            "top1": top1(predict_logits(model, test.x, transform, device=device), test.y),
+            "span_params": count_parameters(small, count_gates=True),
+            "span_params_gates_from_seed": count_parameters(small, count_gates=False),
+            "model_params": count_parameters(model),
+            "span_macs": small.macs(in_hw),
+            "model_macs": count_macs(model, (3, *test.x.shape[1:3])),
+            "val_loss": lr.val_loss,
+            "val_loss_gate_form": lr.val_loss_full,
+            "accepted": lr.accepted,
+            "candidates": lr.candidates,
+            "seconds": time.perf_counter() - t0,
+        }
+        neuron_form["saved"] = bool(lr.accepted and neuron_form["span_params"] < best["span_params"])
+    if neuron_form and neuron_form["saved"]:
+        weights, manifest = save_lowrank_student(
+            out, "student", small.cpu(), {**meta, "student_kind": "convex_lowrank"}
+        )
+        saved = {
+            "kind": "convex_lowrank",
+            **{k: neuron_form[k] for k in ("top1", "span_params", "model_params")},
+        }
+    else:
+        weights, manifest = save_student(
+            out,
+            "student",
+            chosen.result.V.float().cpu().numpy()[active],
+            G[:, active],
+            {**meta, "kind": "gated_conv", "active_gate_indices": np.flatnonzero(active).tolist()},
+        )
+        saved = {"kind": "convex", **{k: best[k] for k in ("top1", "span_params", "model_params")}}
     plot_convergence(
         [(f"lam={p.lam_ratio:g} lam_max", p.result.history) for p in points], out / "convergence.png"
     )
@@ -236,6 +273,8 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
         "lam_ratio": best["lam_ratio"],
         "active_gates": best["active_gates"],
         "path": rows,
+        "neuron_form": neuron_form,
+        "saved": saved,
         "labels_read": "evaluation only: capture, solve and model selection are label-free",
         "capture": {
             "images": int(len(take)),
@@ -290,6 +329,22 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
     return report
 
 
+def _neuron_rows(r: dict) -> list[tuple[str, str, str]]:
+    nf = r.get("neuron_form")
+    if not nf:
+        return []
+    verdict = "accepted" if nf["accepted"] else "refused: held-out loss above tolerance"
+    return [
+        (
+            f"neuron form: top-1 / params of {r['span']}",
+            "",
+            f"{100 * nf['top1']:.1f}% / {nf['span_params']:,} "
+            f"({r['span_params_teacher'] / nf['span_params']:.1f}x smaller)",
+        ),
+        ("neuron form: neurons / gates", "", f"{nf['neurons']} / {nf['gates']} ({verdict})"),
+    ]
+
+
 def _table(r: dict) -> str:
     k = 1000
     rows = [
@@ -321,6 +376,8 @@ def _table(r: dict) -> str:
         ),
         ("active gates / lam", "", f"{r['active_gates']} / {r['lam_ratio']:g} lam_max"),
         ("solve time (whole lam path)", "", f"{r['solve_seconds']:.1f} s"),
+        *_neuron_rows(r),
+        ("saved student (student.npz)", "", r["saved"]["kind"]),
         ("iterations (path / selected)", "", f"{r['solver_iterations']} / {r['selected_solve_iterations']}"),
         (
             "final relative KKT residual",
