@@ -175,6 +175,10 @@ def _build_parser() -> argparse.ArgumentParser:
         "--no-lowrank", action="store_true", help="skip the neuron-form (per-gate SVD + refit) compression"
     )
     dis.add_argument(
+        "--per-block", action="store_true",
+        help="also fit one student per block of the span (layer3: layer3.0/.1/.2) in sequence; saved instead",
+    )  # fmt: skip
+    dis.add_argument(
         "--lowrank-tolerance", type=float, default=0.02,
         help="neuron form: relative held-out loss increase allowed over the unfactored student",
     )  # fmt: skip
@@ -288,6 +292,7 @@ def _run_distill_command(args: argparse.Namespace) -> None:
             polish=not args.no_polish,
             lowrank=not args.no_lowrank,
             lowrank_tolerance=args.lowrank_tolerance,
+            per_block=args.per_block,
             kd=args.kd,
             kd_epochs=args.kd_epochs,
             kd_seconds=args.kd_seconds,

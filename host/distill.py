@@ -28,6 +28,7 @@ from convexedge.host.students import (
     ConvGeometry,
     GatedConvStudent,
     LowRankGatedConvStudent,
+    StudentChain,
     image_to_rows,
     patch_matrix,
 )
@@ -35,13 +36,17 @@ from convexedge.host.students import (
 __all__ = [
     "PathPoint",
     "build_conv_problem",
+    "ChainLink",
     "capture_span",
     "check_span",
+    "expand_blocks",
+    "fit_chain",
     "fit_path",
     "infer_geometry",
     "load_compressed_model",
     "load_student",
     "make_gates",
+    "save_chain_student",
     "save_lowrank_student",
     "save_student",
     "select_by_validation",
@@ -195,13 +200,7 @@ def save_lowrank_student(
     Arrays: ``A`` (d, R), ``W`` (R, c), ``G`` (d, P) float32 and ``gate_of`` (R,) int32; the
     manifest's ``kind`` is ``"gated_conv_lowrank"``.
     """
-    A, W, G, gate_of = student.factors()
-    arrays = {
-        "A": np.ascontiguousarray(A.cpu().numpy(), np.float32),
-        "W": np.ascontiguousarray(W.cpu().numpy(), np.float32),
-        "G": np.ascontiguousarray(G.cpu().numpy(), np.float32),
-        "gate_of": np.ascontiguousarray(gate_of.cpu().numpy(), np.int32),
-    }
+    arrays, _ = _student_arrays(student)
     meta = {
         **meta,
         "kind": "gated_conv_lowrank",
@@ -209,6 +208,38 @@ def save_lowrank_student(
         "output_relu": student.output_relu,
     }
     return _write_student(folder, name, arrays, meta)
+
+
+def _student_arrays(student: torch.nn.Module) -> tuple[dict[str, np.ndarray], str]:
+    """The arrays and manifest kind of one gated conv student (full or neuron form)."""
+    if isinstance(student, LowRankGatedConvStudent):
+        A, W, G, gate_of = student.factors()
+        return {
+            "A": np.ascontiguousarray(A.cpu().numpy(), np.float32),
+            "W": np.ascontiguousarray(W.cpu().numpy(), np.float32),
+            "G": np.ascontiguousarray(G.cpu().numpy(), np.float32),
+            "gate_of": np.ascontiguousarray(gate_of.cpu().numpy(), np.int32),
+        }, "gated_conv_lowrank"
+    if isinstance(student, GatedConvStudent):
+        P = student.num_gates
+        G = torch.cat([student.gate_weight.reshape(P, -1).T, student.gate_bias.reshape(1, P)], dim=0)
+        return {
+            "V": np.ascontiguousarray(student.solution().cpu().numpy(), np.float32),
+            "G": np.ascontiguousarray(G.cpu().numpy(), np.float32),
+        }, "gated_conv"
+    raise TypeError(f"not a gated conv student: {type(student).__name__}")
+
+
+def save_chain_student(folder: str, name: str, chain: StudentChain, meta: dict) -> tuple[str, str]:
+    """Write a :class:`StudentChain` like :func:`save_student`: one ``.npz`` whose arrays are
+    prefixed ``s0_``, ``s1_``, ... and a manifest of kind ``"gated_conv_chain"`` listing each
+    student's kind, geometry and output ReLU."""
+    arrays, parts = {}, []
+    for k, student in enumerate(chain):
+        a, kind = _student_arrays(student)
+        arrays.update({f"s{k}_{key}": v for key, v in a.items()})
+        parts.append({"kind": kind, "geometry": student.geom.to_dict(), "output_relu": student.output_relu})
+    return _write_student(folder, name, arrays, {**meta, "kind": "gated_conv_chain", "students": parts})
 
 
 def _write_student(folder: str, name: str, arrays: dict[str, np.ndarray], meta: dict) -> tuple[str, str]:
@@ -242,17 +273,34 @@ def _write_student(folder: str, name: str, arrays: dict[str, np.ndarray], meta: 
 
 
 _STUDENT_ARRAYS = {"gated_conv": ("V", "G"), "gated_conv_lowrank": ("A", "W", "G", "gate_of")}
+_KINDS = (*_STUDENT_ARRAYS, "gated_conv_chain")
+
+
+def _build_student(kind: str, arrays: dict[str, np.ndarray], part: dict, where: str) -> torch.nn.Module:
+    missing = [k for k in _STUDENT_ARRAYS[kind] if k not in arrays]
+    if missing:
+        raise ArtifactError(f"{where}: a {kind} student needs arrays {missing}, which are not in the file")
+    geom = ConvGeometry(**part["geometry"])
+    relu = bool(part.get("output_relu", False))
+    try:
+        if kind == "gated_conv_lowrank":
+            return LowRankGatedConvStudent(
+                arrays["A"], arrays["W"], arrays["G"], arrays["gate_of"], geom, output_relu=relu
+            )
+        return GatedConvStudent(arrays["V"], arrays["G"], geom, output_relu=relu)
+    except ValueError as exc:
+        raise ArtifactError(f"{where}: inconsistent {kind} student ({exc})") from None
 
 
 def load_student(
     folder: str, name: str = "student"
-) -> tuple[GatedConvStudent | LowRankGatedConvStudent, dict]:
-    """Read what :func:`save_student` or :func:`save_lowrank_student` wrote, checking format,
-    shapes, dtypes and SHA-256.
+) -> tuple[GatedConvStudent | LowRankGatedConvStudent | StudentChain, dict]:
+    """Read what :func:`save_student`, :func:`save_lowrank_student` or :func:`save_chain_student`
+    wrote, checking format, shapes, dtypes and SHA-256 of every array.
 
     Returns:
-        The :class:`GatedConvStudent` (or :class:`LowRankGatedConvStudent` for a manifest of kind
-        ``gated_conv_lowrank``) and its manifest.
+        The student (:class:`GatedConvStudent`, :class:`LowRankGatedConvStudent` for kind
+        ``gated_conv_lowrank``, :class:`StudentChain` for ``gated_conv_chain``) and its manifest.
 
     Raises:
         ArtifactError: a file is missing, unreadable, of another format/version/kind, or an array
@@ -264,6 +312,7 @@ def load_student(
     from pathlib import Path
 
     root = Path(folder)
+    where = str(root / f"{name}.npz")
     try:
         manifest = json.loads((root / f"{name}.json").read_text())
     except FileNotFoundError:
@@ -276,19 +325,18 @@ def load_student(
             f"{manifest.get('format')!r} version {manifest.get('format_version')!r}"
         )
     kind = manifest.get("kind", "gated_conv")
-    if kind not in _STUDENT_ARRAYS:
+    if kind not in _KINDS:
         raise ArtifactError(
-            f"{root / (name + '.json')}: unknown student kind {kind!r}; known: {sorted(_STUDENT_ARRAYS)}"
+            f"{root / (name + '.json')}: unknown student kind {kind!r}; known: {list(_KINDS)}"
         )
+    specs = manifest.get("arrays", {})
     try:
         with np.load(root / f"{name}.npz", allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in _STUDENT_ARRAYS[kind]}
+            arrays = {k: npz[k] for k in specs}
     except (FileNotFoundError, KeyError, ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise ArtifactError(f"{root / (name + '.npz')}: missing, truncated or incomplete ({exc})") from None
+        raise ArtifactError(f"{where}: missing, truncated or incomplete ({exc})") from None
     for key, arr in arrays.items():
-        spec = manifest.get("arrays", {}).get(key)
-        if spec is None:
-            raise ArtifactError(f"{name}.json: no manifest entry for array {key}")
+        spec = specs[key]
         if list(arr.shape) != spec["shape"] or str(arr.dtype) != spec["dtype"]:
             raise ArtifactError(
                 f"{name}.npz: {key} is {arr.dtype}{list(arr.shape)}, manifest says "
@@ -296,18 +344,16 @@ def load_student(
             )
         if hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest() != spec["sha256"]:
             raise ArtifactError(f"{name}.npz: SHA-256 of {key} does not match the manifest")
-    geom = ConvGeometry(**manifest["geometry"])
-    relu = bool(manifest.get("output_relu", False))
-    if kind == "gated_conv_lowrank":
-        try:
-            student = LowRankGatedConvStudent(
-                arrays["A"], arrays["W"], arrays["G"], arrays["gate_of"], geom, output_relu=relu
-            )
-        except ValueError as exc:
-            raise ArtifactError(f"{name}.npz: inconsistent low-rank student ({exc})") from None
-        return student, manifest
-    student = GatedConvStudent(arrays["V"], arrays["G"], geom, output_relu=relu)
-    return student, manifest
+    if kind != "gated_conv_chain":
+        return _build_student(kind, arrays, manifest, where), manifest
+    parts = manifest.get("students") or []
+    if not parts or any(p.get("kind") not in _STUDENT_ARRAYS for p in parts):
+        raise ArtifactError(f"{where}: a gated_conv_chain manifest must list its students' kinds")
+    students = []
+    for k, part in enumerate(parts):
+        sub = {key.removeprefix(f"s{k}_"): a for key, a in arrays.items() if key.startswith(f"s{k}_")}
+        students.append(_build_student(part["kind"], sub, part, f"{where} (student {k})"))
+    return StudentChain(*students), manifest
 
 
 def load_compressed_model(
@@ -468,3 +514,112 @@ def capture_span(
         for h in handles:
             h.remove()
     return np.concatenate(ins), (np.concatenate(outs) if outputs else None)
+
+
+# ----------------------------------------------------------------------------- one student per block
+def expand_blocks(model: torch.nn.Module, span: Sequence[str]) -> list[str]:
+    """The blocks of a span: each span module that is an ``nn.Sequential`` with children is replaced
+    by its children (``layer3`` -> ``layer3.0``, ``layer3.1``, ``layer3.2``); other modules stay."""
+    modules = dict(model.named_modules())
+    out = []
+    for name in span:
+        mod = modules[name]
+        kids = (
+            [f"{name}.{k}" for k, _ in mod.named_children()] if isinstance(mod, torch.nn.Sequential) else []
+        )
+        out.extend(kids or [name])
+    return out
+
+
+@dataclass
+class ChainLink:
+    """One block of :func:`fit_chain`: its student and how it was chosen."""
+
+    block: str
+    student: torch.nn.Module
+    kind: str  # "convex" or "convex_lowrank" (the neuron form, when accepted and smaller)
+    lam_ratio: float
+    active_gates: int
+    neurons: int | None
+    val_loss: float  # held-out activation loss of the kept form, on the block's outputs
+    seconds: float
+
+
+def fit_chain(
+    model: torch.nn.Module,
+    blocks: Sequence[str],
+    fit_x: np.ndarray,
+    val_x: np.ndarray,
+    *,
+    transform: Callable[[np.ndarray], np.ndarray],
+    gates: int,
+    lam_ratios: Sequence[float],
+    config: FistaConfig,
+    kernel_size: int = 3,
+    seed: int = 0,
+    lowrank_tolerance: float | None = 0.02,
+    device: str = "cpu",
+) -> list[ChainLink]:
+    """One convex student per block, fitted in sequence on unlabeled images (label-free).
+
+    Block ``k``'s student matches the teacher block's outputs, taking as input the outputs of the
+    students fitted before it (so the chain is trained on what it will see; block 0 takes the
+    teacher's input). Each student is selected on a lam path by held-out loss, then replaced by its
+    neuron form (:func:`convexedge.host.lowrank.factorize`) when that is within
+    ``lowrank_tolerance`` and smaller (``None``: keep the full form).
+
+    Returns:
+        One :class:`ChainLink` per block; ``StudentChain(*(l.student for l in links))`` maps the
+        span's input to its output.
+    """
+    from convexedge.host.lowrank import LowRankConfig, factorize
+
+    def apply(student: torch.nn.Module, z: np.ndarray) -> np.ndarray:
+        student.eval()
+        with torch.no_grad():
+            return np.concatenate(
+                [
+                    student(torch.from_numpy(z[i : i + 500]).to(device)).cpu().numpy()
+                    for i in range(0, len(z), 500)
+                ]
+            )
+
+    links: list[ChainLink] = []
+    prev_fit = prev_val = None
+    for k, block in enumerate(blocks):
+        t0 = time.perf_counter()
+        fit_in, fit_out = capture_span(model, [block], fit_x, transform=transform, device=device)
+        val_in, val_out = capture_span(model, [block], val_x, transform=transform, device=device)
+        if prev_fit is not None:
+            fit_in, val_in = prev_fit, prev_val
+        geom = infer_geometry(fit_in.shape[1:], fit_out.shape[1:], kernel_size)
+        relu = bool(fit_out.min() >= 0)
+        _, G = make_gates(geom.d, gates, seed + k)
+        prob = build_conv_problem(fit_in, fit_out, geom, G, device=device)
+        val = build_conv_problem(val_in, val_out, geom, G, device=device)
+        points = fit_path(prob, lam_ratios, config, val_problem=val)
+        chosen = select_by_validation(points)
+        student: torch.nn.Module = GatedConvStudent(chosen.result.V.float().cpu(), G, geom, output_relu=relu)
+        kind, neurons, val_loss = "convex", None, chosen.val_loss
+        if lowrank_tolerance is not None:
+            lr = factorize(prob, val, chosen.result.V, LowRankConfig(tolerance=lowrank_tolerance))
+            small = LowRankGatedConvStudent(lr.A.float().cpu(), lr.W.float().cpu(), G, lr.gate_of.cpu(), geom,
+                                            output_relu=relu)  # fmt: skip
+            if lr.accepted and small.num_parameters() < student.num_parameters():
+                student, kind, neurons, val_loss = small, "convex_lowrank", lr.neurons, lr.val_loss
+        student = student.to(device)
+        prev_fit, prev_val = apply(student, fit_in), apply(student, val_in)
+        links.append(
+            ChainLink(
+                block=block,
+                student=student,
+                kind=kind,
+                lam_ratio=chosen.lam_ratio,
+                active_gates=chosen.active_gates,
+                neurons=neurons,
+                val_loss=val_loss,
+                seconds=time.perf_counter() - t0,
+            )
+        )
+        log.info("block %s: %s, %.1fs", block, kind, links[-1].seconds)
+    return links

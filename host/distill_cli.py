@@ -298,6 +298,7 @@ class PipelineOptions:
     polish: bool = True  # optimal-set pruning + group elastic-net refit, kept if held-out loss drops
     lowrank: bool = True  # neuron form (per-gate SVD + least-squares refit), kept if within tolerance
     lowrank_tolerance: float = 0.02  # relative held-out loss increase allowed by the neuron form
+    per_block: bool = False  # also fit one student per block of the span, in sequence; saved instead
     kd: bool = False  # extra row: end-to-end KD fine-tune of the swapped model (not label-free figures)
     kd_temperature: float = 4.0
     kd_epochs: int = 20
@@ -429,9 +430,12 @@ def run_pipeline(opt: PipelineOptions) -> dict:
         build_conv_problem,
         capture_span,
         check_span,
+        expand_blocks,
+        fit_chain,
         fit_path,
         infer_geometry,
         make_gates,
+        save_chain_student,
         save_lowrank_student,
         save_student,
         select_by_validation,
@@ -440,7 +444,7 @@ def run_pipeline(opt: PipelineOptions) -> dict:
     )
     from convexedge.host.evaluate import count_macs, count_parameters, predict_logits, top1
     from convexedge.host.solvers import FistaConfig
-    from convexedge.host.students import GatedConvStudent
+    from convexedge.host.students import GatedConvStudent, StudentChain
     from convexedge.models import BUNDLED_DATA_DIR
 
     t_start = time.perf_counter()
@@ -486,6 +490,7 @@ def run_pipeline(opt: PipelineOptions) -> dict:
         ["capture", "solve"]
         + (["pruning", "polishing"] if opt.polish else [])
         + (["neuron-form refit"] if opt.lowrank else [])
+        + (["per-block students"] if opt.per_block else [])
         + (["KD"] if opt.kd else [])
     )
     report: dict = {
@@ -643,7 +648,48 @@ def run_pipeline(opt: PipelineOptions) -> dict:
             row("convex_lowrank", small, solve_s + lr_s, neurons=lr.neurons, val_loss=lr.val_loss)
             if lr.accepted and smaller:
                 student, final_kind = small, "convex_lowrank"
-        if final_kind == "convex_lowrank":
+        chain_info = None
+        blocks = expand_blocks(teacher, span) if opt.per_block else []
+        if len(blocks) > 1:
+            t0 = time.perf_counter()
+            links = fit_chain(
+                teacher,
+                blocks,
+                fit_x,
+                val_x,
+                transform=transform,
+                gates=opt.gates,
+                lam_ratios=opt.lam_ratios,
+                config=FistaConfig(tol=opt.tol, max_iter=opt.max_iter),
+                kernel_size=opt.kernel_size,
+                seed=opt.seed,
+                lowrank_tolerance=opt.lowrank_tolerance if opt.lowrank else None,
+                device=device,
+            )
+            chain = StudentChain(*(link.student for link in links))
+            chain_s = time.perf_counter() - t0
+            chain_info = {
+                "blocks": [
+                    {
+                        "block": link.block,
+                        "kind": link.kind,
+                        "lam_ratio": link.lam_ratio,
+                        "active_gates": link.active_gates,
+                        "neurons": link.neurons,
+                        "val_loss": link.val_loss,
+                        "seconds": link.seconds,
+                    }
+                    for link in links
+                ],
+                "seconds": chain_s,
+            }
+            row("convex_blocks", chain, chain_s, blocks=blocks)
+            student, final_kind = chain, "convex_blocks"
+        if final_kind == "convex_blocks":
+            save_chain_student(
+                str(folder), "student", student, {**meta, "student_kind": final_kind, "blocks": blocks}
+            )
+        elif final_kind == "convex_lowrank":
             save_lowrank_student(str(folder), "student", student, {**meta, "student_kind": final_kind})
         else:
             save_student(
@@ -680,6 +726,7 @@ def run_pipeline(opt: PipelineOptions) -> dict:
             ],
             "polish": polish_info,
             "lowrank": lowrank_info,
+            "per_block": chain_info,
         }
         if opt.kd:
             from convexedge.host.kd import KDConfig, kd_finetune

@@ -24,6 +24,7 @@ __all__ = [
     "GatedConvStudent",
     "GatedMLPStudent",
     "LowRankGatedConvStudent",
+    "StudentChain",
     "image_to_rows",
     "patch_matrix",
     "rows_to_image",
@@ -235,6 +236,25 @@ class LowRankGatedConvStudent(nn.Module):
             self.out_channels + 1
         )
         return h * w * per_pos
+
+
+class StudentChain(nn.Sequential):
+    """Gated conv students applied in sequence: one per block of a multi-block span.
+
+    Each student was fitted on the previous student's outputs to match its teacher block's outputs
+    (:func:`convexedge.host.distill.fit_chain`), so the chain maps the span's input to its output.
+    """
+
+    def num_parameters(self, *, count_gates: bool = True) -> int:
+        return sum(int(m.num_parameters(count_gates=count_gates)) for m in self)
+
+    def macs(self, in_hw: tuple[int, int]) -> int:
+        """Multiply-accumulates per sample for an input of spatial size ``in_hw``."""
+        total = 0
+        for m in self:
+            total += m.macs(in_hw)
+            in_hw = m.geom.out_hw(*in_hw)
+        return total
 
 
 class GatedMLPStudent(nn.Module):

@@ -116,6 +116,24 @@ def test_lowrank_student_exports_exactly_and_reloads(tmp_path):
     assert "GreaterOrEqual" in ops and "Transpose" not in ops
 
 
+def test_student_chain_exports_exactly(tmp_path):
+    from convexedge.host.students import StudentChain
+
+    g1 = ConvGeometry(in_channels=4, kernel_size=3, stride=2, padding=1)
+    g2 = ConvGeometry(in_channels=5, kernel_size=3, stride=1, padding=1)
+    rng = np.random.default_rng(3)
+    (_, G1), (_, G2) = make_gates(g1.d, 3, seed=1), make_gates(g2.d, 2, seed=2)
+    chain = StudentChain(
+        GatedConvStudent(rng.standard_normal((3, g1.d, 5)).astype(np.float32), G1, g1, output_relu=True),
+        GatedConvStudent(rng.standard_normal((2, g2.d, 6)).astype(np.float32), G2, g2),
+    )
+    path = export_onnx(chain, tmp_path / "chain.onnx", input_shape=(4, 8, 8))
+    x = rng.standard_normal((3, 4, 8, 8)).astype(np.float32)
+    with torch.no_grad():
+        ref = chain(torch.from_numpy(x)).numpy()
+    assert compare_outputs(ref.reshape(3, -1), run_onnx(path, x).reshape(3, -1)).max_abs_diff <= 1e-4
+
+
 def _teacher_identity() -> dict:
     from convexedge.models import TEACHER_WEIGHTS
 

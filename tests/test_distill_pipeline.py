@@ -308,3 +308,27 @@ def test_pipeline_on_resnet18_weights_outside_models(label_free_dir, tmp_path):
     assert report["spans"]["layer4"]["input_shape"] == [256, 8, 8]
     assert report["spans"]["layer4"]["output_shape"] == [512, 4, 4]
     assert report["teacher"]["architecture"] == "resnet18" and report["teacher"]["weights"] == "r18.npz"
+
+
+def test_pipeline_per_block_saves_a_chain_that_reproduces_its_row(label_free_dir, tmp_path, transform):
+    from convexedge.host.students import StudentChain
+
+    opt = PipelineOptions(model="resnet20", spans=(("layer3",),), data=str(label_free_dir), out=str(tmp_path),
+                          polish=False, per_block=True, lowrank_tolerance=1e9, test_images=40,
+                          **OPTS)  # fmt: skip
+    report = run_pipeline(opt)
+    info = report["spans"]["layer3"]["per_block"]
+    assert [b["block"] for b in info["blocks"]] == ["layer3.0", "layer3.1", "layer3.2"]
+    assert all(b["kind"] == "convex_lowrank" for b in info["blocks"])  # tolerance 1e9: always accepted
+    assert report["spans"]["layer3"]["saved_kind"] == "convex_blocks"
+    saved = json.loads((tmp_path / "student.json").read_text())
+    assert saved["kind"] == "gated_conv_chain" and len(saved["students"]) == 3
+    row = next(r for r in report["rows"] if r["student"] == "convex_blocks")
+    model = load_compressed_model(str(tmp_path))
+    assert isinstance(model.layer3, StudentChain) and len(model.layer3) == 3
+    assert model.layer3.num_parameters() == row["span_params"]
+    with np.load(BUNDLED_DATA_DIR / "test_0000_0999.npz") as npz:
+        x, y = npz["x"][:40], npz["y"][:40]
+    with torch.no_grad():
+        pred = model(torch.from_numpy(transform(x))).argmax(1).numpy()
+    assert float((pred == y).mean()) == pytest.approx(row["top1"])

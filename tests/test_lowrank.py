@@ -181,3 +181,46 @@ def test_tampered_or_unknown_lowrank_artifact_is_refused(tmp_path):
     (tmp_path / "student.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="unknown student kind"):
         load_student(str(tmp_path))
+
+
+def test_chain_round_trips_and_counts(tmp_path):
+    from convexedge.host.distill import save_chain_student
+    from convexedge.host.students import StudentChain
+
+    prob, val, V, G = _problem(5)
+    res = factorize(prob, val, V)
+    geom2 = ConvGeometry(in_channels=6, kernel_size=3, stride=2, padding=1)
+    _, G2 = make_gates(geom2.d, 2, 1)
+    first = LowRankGatedConvStudent(res.A, res.W, G, res.gate_of, GEOM, output_relu=True)
+    second = GatedConvStudent(torch.randn(2, geom2.d, 4), G2, geom2)
+    chain = StudentChain(first, second)
+    assert chain.num_parameters() == first.num_parameters() + second.num_parameters()
+    assert chain.macs((5, 5)) == first.macs((5, 5)) + second.macs((5, 5))
+    save_chain_student(str(tmp_path), "student", chain, {"span": "x"})
+    back, manifest = load_student(str(tmp_path))
+    assert manifest["kind"] == "gated_conv_chain" and [p["kind"] for p in manifest["students"]] == [
+        "gated_conv_lowrank",
+        "gated_conv",
+    ]
+    z = torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        assert torch.equal(back(z), chain(z)) and back(z).shape == (2, 4, 3, 3)
+    manifest["students"][1]["kind"] = "gated_conv_lowrank"  # arrays of the wrong kind: a clear error
+    (tmp_path / "student.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="needs arrays"):
+        load_student(str(tmp_path))
+
+
+def test_expand_blocks():
+    from convexedge.host.distill import expand_blocks
+    from convexedge.models import load_teacher
+
+    teacher = load_teacher()
+    assert expand_blocks(teacher, ["layer3"]) == ["layer3.0", "layer3.1", "layer3.2"]
+    assert expand_blocks(teacher, ["layer2", "layer3"])[-4:] == [
+        "layer2.2",
+        "layer3.0",
+        "layer3.1",
+        "layer3.2",
+    ]
+    assert expand_blocks(teacher, ["layer3.1"]) == ["layer3.1"]
