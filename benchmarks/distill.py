@@ -13,6 +13,10 @@ by a student fitted label-free on the teacher's activations of K unlabeled train
   SVD, the fewest neurons (global singular-value order) whose least-squares-refitted second layer is
   within ``--lowrank-tolerance`` of the unfactored student's held-out activation loss. BM and
   non-convex students are trained again at *its* size (rows with ``size_of: convex_lowrank``);
+* ``convex_blocks``: one convex student per block of the span (``layer3`` -> ``layer3.0/.1/.2``),
+  fitted in sequence on the previous students' outputs (``convexedge.host.distill.fit_chain``), each
+  in neuron form when within ``--block-tolerance``; baselines are trained again at its size
+  (``size_of: convex_blocks``);
 * ``bm``: the conv Burer-Monteiro form ``CNN3_1x1(CNN2(z) * 1[CNN1(z) >= 0])`` with CNN1 frozen,
   trained with Adam;
 * ``nonconvex``: conv kxk -> ReLU -> conv 1x1 of the convex student's parameter count, Adam;
@@ -61,6 +65,8 @@ from convexedge.host.data import load_images, normalize_images
 from convexedge.host.distill import (
     build_conv_problem,
     capture_span,
+    expand_blocks,
+    fit_chain,
     fit_path,
     infer_geometry,
     make_gates,
@@ -73,11 +79,19 @@ from convexedge.host.lowrank import LowRankConfig, factorize
 from convexedge.host.polish import PolishConfig, polish
 from convexedge.host.prune import prune_to_minimal
 from convexedge.host.solvers import FistaConfig
-from convexedge.host.students import GatedConvStudent, LowRankGatedConvStudent
+from convexedge.host.students import GatedConvStudent, LowRankGatedConvStudent, StudentChain
 from convexedge.models import BUNDLED_DATA_DIR, load_teacher, teacher_normalization
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-KINDS = ("convex", "convex_pruned_polished", "convex_lowrank", "bm", "nonconvex", "magnitude_pruned")
+KINDS = (
+    "convex",
+    "convex_pruned_polished",
+    "convex_lowrank",
+    "convex_blocks",
+    "bm",
+    "nonconvex",
+    "magnitude_pruned",
+)
 
 
 def _load_resnet20(weights: str | None = None):
@@ -257,9 +271,30 @@ def run_cell(args, teacher, span, k, train, tests, transform, base) -> list[dict
              "criterion": "held-out 1/(2n)||pred - Y||^2 (pre-ReLU) within tolerance of the unfactored"},
         )  # fmt: skip
         sizes.append(("convex_lowrank", lowrank, lr_s))
+    if "convex_blocks" in args.kinds:
+        blocks = expand_blocks(teacher, list(span))
+        t0 = time.perf_counter()
+        links = fit_chain(
+            teacher, blocks, x[:-n_val], x[-n_val:], transform=transform, gates=args.block_gates,
+            lam_ratios=args.lam_ratios, config=FistaConfig(tol=args.tol, max_iter=args.max_iter),
+            kernel_size=args.kernel_size, seed=args.seed, lowrank_tolerance=args.block_tolerance,
+        )  # fmt: skip
+        chain = StudentChain(*(link.student for link in links))
+        chain_s = time.perf_counter() - t0
+        record(
+            "convex_blocks",
+            chain,
+            chain_s,
+            {"blocks": [{"block": lk.block, "kind": lk.kind, "lam_ratio": lk.lam_ratio, "neurons": lk.neurons,
+                         "active_gates": lk.active_gates, "val_loss": lk.val_loss} for lk in links],
+             "gates_per_block": args.block_gates, "tolerance": args.block_tolerance},
+        )  # fmt: skip
+        sizes.append(("convex_blocks", chain, chain_s))
     if not {"bm", "nonconvex", "magnitude_pruned"} & set(args.kinds):
         return rows
     for size_of, ref, seconds in sizes:
+        if args.baseline_sizes and size_of not in args.baseline_sizes:
+            continue
         _baselines(args, span, span_mod, ref, geom, c_out, seconds, base, fit_in, fit_out, val_in, val_out,
                    record, size_of=size_of)  # fmt: skip
     return rows
@@ -372,10 +407,11 @@ def summarize(rows: list[dict], last: str = "layer3") -> dict:
             out[f"convex_minus_nonconvex_at_{k}pc"] = 100 * (cv["top1"] - nc["top1"])
             if cpp:
                 out[f"pruned_polished_minus_nonconvex_at_{k}pc"] = 100 * (cpp["top1"] - nc["top1"])
-        lr, nc_lr = find("convex_lowrank", k), find("nonconvex", k, "convex_lowrank")
-        if lr and nc_lr:
-            out[f"lowrank_minus_nonconvex_at_{k}pc"] = 100 * (lr["top1"] - nc_lr["top1"])
-            out[f"lowrank_span_compression_at_{k}pc"] = lr["span_compression"]
+        for kind, tag in (("convex_lowrank", "lowrank"), ("convex_blocks", "blocks")):
+            cv_k, nc_k = find(kind, k), find("nonconvex", k, kind)
+            if cv_k and nc_k:
+                out[f"{tag}_minus_nonconvex_at_{k}pc"] = 100 * (cv_k["top1"] - nc_k["top1"])
+                out[f"{tag}_span_compression_at_{k}pc"] = cv_k["span_compression"]
     out.setdefault("convex_minus_nonconvex_at_100pc", None)
     within = [r for r in rows if r["span"] == last and r["student"] != "teacher" and r["top1"] >= t - 0.02]
     best = max(within, key=lambda r: r["span_compression"], default=None)
@@ -459,6 +495,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-iter", type=int, default=500)
     ap.add_argument("--val-fraction", type=float, default=0.1)
     ap.add_argument(
+        "--baseline-sizes", default="",
+        help="comma list of students whose size the baselines are trained at (default: every one run)",
+    )  # fmt: skip
+    ap.add_argument("--block-gates", type=int, default=4, help="convex_blocks: gates per block student")
+    ap.add_argument(
+        "--block-tolerance", type=float, default=0.1,
+        help="convex_blocks: neuron-form tolerance per block (a size knob: 0.02 keeps the stage's size)",
+    )  # fmt: skip
+    ap.add_argument(
         "--lowrank-tolerance", type=float, default=0.02,
         help="convex_lowrank: relative held-out loss increase allowed over the unfactored student",
     )  # fmt: skip
@@ -487,6 +532,7 @@ def main(argv: list[str] | None = None) -> dict:
         if k not in KINDS:
             raise SystemExit(f"unknown student kind {k!r}; choose from {KINDS}")
     args.kinds = kinds
+    args.baseline_sizes = tuple(k for k in args.baseline_sizes.split(",") if k)
     samples = [int(s) for s in (args.samples or ("10" if args.quick else "10,100,500")).split(",")]
     if args.quick:
         args.gates = min(args.gates, 4)
@@ -555,13 +601,15 @@ def main(argv: list[str] | None = None) -> dict:
         old_payload = json.loads(path.read_text())
         old_meta = old_payload.get("meta", {})
         new_kinds: dict[tuple, set] = {}
-        for r in rows:
-            new_kinds.setdefault((r["model"], r["span"], r["samples_per_class"]), set()).add(r["student"])
+        for r in rows:  # a row is (student, size_of): baselines sized to another student are other rows
+            new_kinds.setdefault((r["model"], r["span"], r["samples_per_class"]), set()).add(
+                (r["student"], r.get("size_of", "convex"))
+            )
         old = []
         for r in old_payload["rows"]:
             r.setdefault("model", "resnet20")
             kinds_here = new_kinds.get((r["model"], r["span"], r["samples_per_class"]), set())
-            if r["student"] not in kinds_here:
+            if (r["student"], r.get("size_of", "convex")) not in kinds_here:
                 old.append(r)
         rows = old + rows
     models_present = sorted({r.get("model", "resnet20") for r in rows})
