@@ -10,7 +10,13 @@ from convexedge.host.capture import ActivationShards, CaptureConfig, capture_blo
 from convexedge.host.data import ImageSet, load_images
 from convexedge.host.gates import GateSpec, gate_masks, sample_gates
 from convexedge.host.solvers import FistaConfig, GatedProblem, SolveResult, solve
-from convexedge.host.students import ConvGeometry, GatedConvStudent, GatedMLPStudent, LowRankGatedConvStudent
+from convexedge.host.students import (
+    ConvGeometry,
+    GatedConvStudent,
+    GatedMLPStudent,
+    LowRankGatedConvStudent,
+    StudentChain,
+)
 from convexedge.host.swap import swap_, swapped
 
 __all__ = [
@@ -21,6 +27,7 @@ __all__ = [
     "GateSpec",
     "GatedConvStudent",
     "LowRankGatedConvStudent",
+    "StudentChain",
     "GatedMLPStudent",
     "GatedProblem",
     "ImageSet",

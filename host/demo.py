@@ -201,7 +201,8 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
         "teacher": {"weights": TEACHER_WEIGHTS.name, "architecture": "resnet20"},
     }
     neuron_form = None
-    if opt.lowrank:  # 4b. neuron form: per-gate SVD + least-squares refit, label-free acceptance
+    # 4b. neuron form: per-gate SVD + least-squares refit, label-free acceptance
+    if opt.lowrank and chosen.active_gates > 0:
         t0 = time.perf_counter()
         lr = factorize(problem, val_problem, chosen.result.V, LowRankConfig(tolerance=opt.lowrank_tolerance))
         small = LowRankGatedConvStudent(lr.A, lr.W, G, lr.gate_of, geom, output_relu=True).to(device)

@@ -601,7 +601,7 @@ def fit_chain(
         chosen = select_by_validation(points)
         student: torch.nn.Module = GatedConvStudent(chosen.result.V.float().cpu(), G, geom, output_relu=relu)
         kind, neurons, val_loss = "convex", None, chosen.val_loss
-        if lowrank_tolerance is not None:
+        if lowrank_tolerance is not None and bool(chosen.result.V.abs().amax() > 0):
             lr = factorize(prob, val, chosen.result.V, LowRankConfig(tolerance=lowrank_tolerance))
             small = LowRankGatedConvStudent(lr.A.float().cpu(), lr.W.float().cpu(), G, lr.gate_of.cpu(), geom,
                                             output_relu=relu)  # fmt: skip

@@ -625,7 +625,7 @@ def run_pipeline(opt: PipelineOptions) -> dict:
             "teacher": spec.identity,
         }
         lowrank_info = None
-        if opt.lowrank:
+        if opt.lowrank and bool(V_final.abs().amax() > 0):  # an all-zero student has no neurons
             from convexedge.host.lowrank import LowRankConfig, factorize
             from convexedge.host.students import LowRankGatedConvStudent
 
