@@ -17,6 +17,9 @@ by a student fitted label-free on the teacher's activations of K unlabeled train
   fitted in sequence on the previous students' outputs (``convexedge.host.distill.fit_chain``), each
   in neuron form when within ``--block-tolerance``; baselines are trained again at its size
   (``size_of: convex_blocks``);
+* ``nonconvex_blocks`` (with ``convex_blocks``): the same depth trained the usual way: one
+  conv kxk -> ReLU -> conv 1x1 student per block, each of its convex link's size, trained with Adam in
+  sequence (on the previous non-convex students' outputs) for its link's wall time;
 * ``bm``: the conv Burer-Monteiro form ``CNN3_1x1(CNN2(z) * 1[CNN1(z) >= 0])`` with CNN1 frozen,
   trained with Adam;
 * ``nonconvex``: conv kxk -> ReLU -> conv 1x1 of the convex student's parameter count, Adam;
@@ -88,6 +91,7 @@ KINDS = (
     "convex_pruned_polished",
     "convex_lowrank",
     "convex_blocks",
+    "nonconvex_blocks",
     "bm",
     "nonconvex",
     "magnitude_pruned",
@@ -290,6 +294,8 @@ def run_cell(args, teacher, span, k, train, tests, transform, base) -> list[dict
              "gates_per_block": args.block_gates, "tolerance": args.block_tolerance},
         )  # fmt: skip
         sizes.append(("convex_blocks", chain, chain_s))
+        if "nonconvex_blocks" in args.kinds:
+            _nonconvex_chain(args, teacher, links, x, n_val, transform, record)
     if not {"bm", "nonconvex", "magnitude_pruned"} & set(args.kinds):
         return rows
     for size_of, ref, seconds in sizes:
@@ -352,6 +358,31 @@ def _baselines(args, span, span_mod, convex, geom, c_out, solve_s, base, fit_in,
         )  # fmt: skip
 
 
+def _nonconvex_chain(args, teacher, links, x, n_val, transform, record) -> None:
+    """``nonconvex_blocks``: a ReLU student per block, each of its convex link's size and wall time."""
+    students, seconds, prev = [], 0.0, None
+    for k, link in enumerate(links):
+        z_in, z_out = capture_span(teacher, [link.block], x, transform=transform)
+        z_in = z_in if prev is None else prev
+        geom, c = link.student.geom, z_out.shape[1]
+        student = ReluConvStudent(
+            geom, c, relu_hidden_for(span_parameters(link.student), geom, c), seed=args.seed + k
+        )
+        cfg = TrainConfig(
+            epochs=args.epochs, time_budget_s=max(args.min_budget, link.seconds), lr=args.lr,
+            batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
+        )  # fmt: skip
+        res = train_student(student, z_in[:-n_val], z_out[:-n_val], cfg, val=(z_in[-n_val:], z_out[-n_val:]))
+        seconds += res.seconds
+        students.append(res.module.eval())
+        with torch.no_grad():
+            prev = np.concatenate(
+                [res.module(torch.from_numpy(z_in[i : i + 500])).numpy() for i in range(0, len(z_in), 500)]
+            )
+    extra = {"size_of": "convex_blocks", "equal_size": True, "blocks": [lk.block for lk in links]}
+    record("nonconvex_blocks", StudentChain(*students), seconds, extra)
+
+
 def _kd_row(args, teacher, span, convex, x, n_val, tests, transform, rows, record_base) -> None:
     """``convex+kd``: the swapped model fine-tuned end to end with KD (T=4) on the cell's images."""
     import copy
@@ -412,6 +443,9 @@ def summarize(rows: list[dict], last: str = "layer3") -> dict:
             if cv_k and nc_k:
                 out[f"{tag}_minus_nonconvex_at_{k}pc"] = 100 * (cv_k["top1"] - nc_k["top1"])
                 out[f"{tag}_span_compression_at_{k}pc"] = cv_k["span_compression"]
+        cb, ncb = find("convex_blocks", k), find("nonconvex_blocks", k, "convex_blocks")
+        if cb and ncb:
+            out[f"blocks_minus_nonconvex_blocks_at_{k}pc"] = 100 * (cb["top1"] - ncb["top1"])
     out.setdefault("convex_minus_nonconvex_at_100pc", None)
     within = [r for r in rows if r["span"] == last and r["student"] != "teacher" and r["top1"] >= t - 0.02]
     best = max(within, key=lambda r: r["span_compression"], default=None)
