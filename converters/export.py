@@ -219,6 +219,8 @@ def _model_rows(opt: ExportOptions, out: Path) -> list[dict[str, Any]]:
     from convexedge.models import teacher_normalization
 
     model = _load_model(opt.model)
+    if opt.format == "tflite-int8" and opt.int8_refit and opt.model != "teacher":
+        _check_refittable(Path(opt.model))
     mean, std = teacher_normalization()
     test = _images(opt.data, "test", opt.test_images)
     x = normalize_images(test.x, mean, std)
@@ -284,6 +286,18 @@ def _model_rows(opt: ExportOptions, out: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _check_refittable(folder: Path) -> None:
+    """The int8 refit re-solves a full convex student (``V``); refuse other kinds before any export."""
+    import json
+
+    kind = json.loads((folder / "student.json").read_text()).get("kind", "gated_conv")
+    if kind != "gated_conv":
+        raise ArtifactError(
+            f"{folder}: the int8 refit re-solves the full convex student; this folder holds a {kind!r} "
+            "student (export without --int8-refit, or distill with --no-lowrank)"
+        )
+
+
 def _int8_refit(opt: ExportOptions, out: Path, *, fp32_path: Path, plain: Path, calib: np.ndarray):
     """Refit the student's V on the int8 file ``plain``, re-export and re-quantise; returns (path, info)."""
     from convexedge.converters.int8_refit import (
@@ -299,11 +313,6 @@ def _int8_refit(opt: ExportOptions, out: Path, *, fp32_path: Path, plain: Path, 
     from convexedge.models import BUNDLED_DATA_DIR, load_teacher, teacher_normalization
 
     student, manifest = load_student(opt.model)
-    if manifest.get("kind", "gated_conv") != "gated_conv":
-        raise ArtifactError(
-            f"{opt.model}: the int8 refit re-solves the full convex student; this folder holds a "
-            f"{manifest.get('kind')!r} student (use --no-int8-refit, or distill with --no-lowrank)"
-        )
     if "lam" not in manifest:
         raise ArtifactError(
             f"{opt.model}/student.json has no 'lam'; cannot refit for int8 (use --no-int8-refit)"

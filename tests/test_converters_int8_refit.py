@@ -126,3 +126,21 @@ def test_int8_refit_runs_and_does_not_hurt(exported):
     saved = json.loads((out / "parity.json").read_text())
     assert saved["rows"][1]["int8_refit"]["applied"] and saved["options"]["int8_refit"]
     assert (out / "model_int8.tflite").is_file() and (out / "model_int8_before_refit.tflite").is_file()
+
+
+def test_int8_refit_refuses_a_neuron_form_student_before_exporting(tmp_path):
+    from convexedge.converters.export import run_export
+    from convexedge.host.distill import save_lowrank_student
+    from convexedge.host.lowrank import neurons_of
+    from convexedge.host.students import LowRankGatedConvStudent
+
+    geom = ConvGeometry(in_channels=32, kernel_size=3, stride=2, padding=1)
+    _, G = make_gates(geom.d, 2, seed=0)
+    A, W, g = neurons_of(torch.randn(2, geom.d, 64) * 0.01)
+    meta = {"span": "layer3", "teacher": {"architecture": "resnet20", "weights": TEACHER_WEIGHTS.name}}
+    save_lowrank_student(str(tmp_path), "student", LowRankGatedConvStudent(A, W, G, g, geom), meta)
+    out = tmp_path / "out"
+    with pytest.raises(ArtifactError, match="full convex student"):
+        run_export(ExportOptions(model=str(tmp_path), format="tflite-int8", out=str(out), int8_refit=True,
+                                 test_images=8, calib_images=8))  # fmt: skip
+    assert not any(out.glob("*.tflite"))
