@@ -282,16 +282,27 @@ def test_cli_errors_are_one_line(args, match, label_free_dir, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("convexedge: error:") and match in lines[0], res.stderr
 
 
-def test_cli_runs_the_pipeline(label_free_dir, tmp_path):
+@pytest.mark.parametrize(
+    "extra,saved",
+    [
+        ([], None),
+        (["--per-block", "--lowrank-tolerance", "1e9"], "gated_conv_chain"),
+        (["--no-lowrank"], "gated_conv"),
+    ],
+)
+def test_cli_runs_the_pipeline(label_free_dir, tmp_path, extra, saved):
     args = ["--model", FACTORY, "--span-input", "layer3", "--span-output", "layer3"]
     args += ["--samples-per-class", "2", "--gates", "2", "--lam-ratios", "0.1", "--max-iter", "20"]
     args += ["--test-images", "10", "--no-polish", "--data", str(label_free_dir), "--out", str(tmp_path)]
-    res = _cli(*args, "--no-progress")
+    res = _cli(*args, *extra, "--no-progress")
     assert res.returncode == 0, res.stderr
     assert "without reading labels" in res.stdout
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["options"]["spans"] == [["layer3"]] and report["options"]["model"] == FACTORY
     assert (tmp_path / "student.json").exists() and (tmp_path / "accuracy_vs_params.png").exists()
+    assert report["options"]["per_block"] == ("--per-block" in extra)
+    if saved:
+        assert json.loads((tmp_path / "student.json").read_text())["kind"] == saved
 
 
 @pytest.mark.slow
