@@ -78,11 +78,11 @@ from convexedge.host.distill import (
     swap_span_,
 )
 from convexedge.host.evaluate import count_macs, count_parameters, top1
-from convexedge.host.lowrank import LowRankConfig, factorize
+from convexedge.host.lowrank import LowRankConfig, neuron_student
 from convexedge.host.polish import PolishConfig, polish
 from convexedge.host.prune import prune_to_minimal
 from convexedge.host.solvers import FistaConfig
-from convexedge.host.students import GatedConvStudent, LowRankGatedConvStudent, StudentChain
+from convexedge.host.students import GatedConvStudent, StudentChain
 from convexedge.models import BUNDLED_DATA_DIR, load_teacher, teacher_normalization
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -262,8 +262,8 @@ def run_cell(args, teacher, span, k, train, tests, transform, base) -> list[dict
     sizes = [("convex", convex, solve_s)]
     if "convex_lowrank" in args.kinds:
         t0 = time.perf_counter()
-        lr = factorize(problem, val_problem, chosen.result.V, LowRankConfig(tolerance=args.lowrank_tolerance))
-        lowrank = LowRankGatedConvStudent(lr.A, lr.W, G, lr.gate_of, geom, output_relu=True)
+        lowrank, lr = neuron_student(problem, val_problem, chosen.result.V, G, geom, output_relu=True,
+                                     config=LowRankConfig(tolerance=args.lowrank_tolerance))  # fmt: skip
         lr_s = solve_s + time.perf_counter() - t0
         record(
             "convex_lowrank",

@@ -30,10 +30,10 @@ from convexedge.host.distill import (
     select_by_validation,
 )
 from convexedge.host.evaluate import count_macs, count_parameters, predict_logits, top1
-from convexedge.host.lowrank import LowRankConfig, factorize
+from convexedge.host.lowrank import LowRankConfig, neuron_student
 from convexedge.host.report import format_table, plot_accuracy_vs_params, plot_convergence
 from convexedge.host.solvers import FistaConfig
-from convexedge.host.students import GatedConvStudent, LowRankGatedConvStudent
+from convexedge.host.students import GatedConvStudent
 from convexedge.host.swap import swapped
 from convexedge.models import BUNDLED_DATA_DIR, TEACHER_WEIGHTS, load_teacher, teacher_normalization
 
@@ -204,9 +204,9 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
     # 4b. neuron form: per-gate SVD + least-squares refit, label-free acceptance
     if opt.lowrank and chosen.active_gates > 0:
         t0 = time.perf_counter()
-        lr = factorize(problem, val_problem, chosen.result.V, LowRankConfig(tolerance=opt.lowrank_tolerance))
-        small = LowRankGatedConvStudent(lr.A, lr.W, G, lr.gate_of, geom, output_relu=True).to(device)
-        model = swapped(teacher, opt.span, small)
+        small, lr = neuron_student(problem, val_problem, chosen.result.V, G, geom, output_relu=True,
+                                   config=LowRankConfig(tolerance=opt.lowrank_tolerance))  # fmt: skip
+        model = swapped(teacher, opt.span, small.to(device))
         neuron_form = {
             "neurons": lr.neurons,
             "gates": small.num_gates,

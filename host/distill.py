@@ -572,7 +572,7 @@ def fit_chain(
         One :class:`ChainLink` per block; ``StudentChain(*(l.student for l in links))`` maps the
         span's input to its output.
     """
-    from convexedge.host.lowrank import LowRankConfig, factorize
+    from convexedge.host.lowrank import LowRankConfig, neuron_student
 
     def apply(student: torch.nn.Module, z: np.ndarray) -> np.ndarray:
         student.eval()
@@ -602,9 +602,8 @@ def fit_chain(
         student: torch.nn.Module = GatedConvStudent(chosen.result.V.float().cpu(), G, geom, output_relu=relu)
         kind, neurons, val_loss = "convex", None, chosen.val_loss
         if lowrank_tolerance is not None and bool(chosen.result.V.abs().amax() > 0):
-            lr = factorize(prob, val, chosen.result.V, LowRankConfig(tolerance=lowrank_tolerance))
-            small = LowRankGatedConvStudent(lr.A.float().cpu(), lr.W.float().cpu(), G, lr.gate_of.cpu(), geom,
-                                            output_relu=relu)  # fmt: skip
+            small, lr = neuron_student(prob, val, chosen.result.V, G, geom, output_relu=relu,
+                                       config=LowRankConfig(tolerance=lowrank_tolerance))  # fmt: skip
             if lr.accepted and small.num_parameters() < student.num_parameters():
                 student, kind, neurons, val_loss = small, "convex_lowrank", lr.neurons, lr.val_loss
         student = student.to(device)

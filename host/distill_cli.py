@@ -626,14 +626,13 @@ def run_pipeline(opt: PipelineOptions) -> dict:
         }
         lowrank_info = None
         if opt.lowrank and bool(V_final.abs().amax() > 0):  # an all-zero student has no neurons
-            from convexedge.host.lowrank import LowRankConfig, factorize
-            from convexedge.host.students import LowRankGatedConvStudent
+            from convexedge.host.lowrank import LowRankConfig, neuron_student
 
             t0 = time.perf_counter()
-            lr = factorize(
-                prob, val_prob, V_final.to(prob.Z.dtype), LowRankConfig(tolerance=opt.lowrank_tolerance)
-            )
-            small = LowRankGatedConvStudent(lr.A, lr.W, G, lr.gate_of, geom, output_relu=output_relu)
+            small, lr = neuron_student(
+                prob, val_prob, V_final.to(prob.Z.dtype), G, geom, output_relu=output_relu,
+                config=LowRankConfig(tolerance=opt.lowrank_tolerance),
+            )  # fmt: skip
             lr_s = time.perf_counter() - t0
             smaller = small.num_parameters() < student.num_parameters()
             lowrank_info = {

@@ -30,12 +30,14 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 
 from convexedge.device.errors import DataError
 from convexedge.host.solvers import GatedProblem
+from convexedge.host.students import ConvGeometry, LowRankGatedConvStudent
 
-__all__ = ["LowRankConfig", "LowRankResult", "factorize", "neurons_of"]
+__all__ = ["LowRankConfig", "LowRankResult", "factorize", "neuron_student", "neurons_of"]
 
 log = logging.getLogger(__name__)
 
@@ -226,3 +228,24 @@ def factorize(
         accepted=accepted,
         candidates=candidates,
     )
+
+
+def neuron_student(
+    problem: GatedProblem,
+    val_problem: GatedProblem,
+    V: torch.Tensor,
+    G: np.ndarray | torch.Tensor,
+    geom: ConvGeometry,
+    *,
+    output_relu: bool,
+    config: LowRankConfig = LowRankConfig(),
+) -> tuple[LowRankGatedConvStudent, LowRankResult]:
+    """:func:`factorize` ``V`` and build its :class:`LowRankGatedConvStudent` (on the CPU, float32).
+
+    The caller keeps it in place of the full student when ``result.accepted`` and it is smaller.
+    """
+    res = factorize(problem, val_problem, V, config)
+    student = LowRankGatedConvStudent(
+        res.A.float().cpu(), res.W.float().cpu(), G, res.gate_of.cpu(), geom, output_relu=output_relu
+    )
+    return student, res
