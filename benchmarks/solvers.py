@@ -24,8 +24,12 @@ contender reached, whichever is lower; the row records ``f_ref``, ``ref_kkt`` an
 Time to a tolerance ``t`` is the first logged time with ``(F - F*) / F* <= t`` (every contender logs
 its objective every iteration; for ours that costs one KKT evaluation per iteration, timed).
 
-Run: ``python -m benchmarks.solvers [--quick] [--device cuda] [--problems small,synthetic]``; writes
-``benchmarks/results/solvers.json`` and ``benchmarks/results/solvers.png``.
+Run: ``python -m benchmarks.solvers [--quick] [--device cuda] [--problems small,synthetic]
+[--lams 0.1,0.01,0.001,path] [--merge]``; writes ``benchmarks/results/solvers.json`` and
+``solvers.png`` (``--quick``: ``solvers_quick.json`` / ``.png``). The full run takes hours on two
+cores, so it can be split: ``--lams`` picks the single-lam cells and/or the path, and ``--merge``
+keeps the rows of every (problem, lam) cell this run did not redo; the summary is recomputed over
+all rows. The non-convex row needs the 0.001 lam_max cell in the same run.
 """
 
 from __future__ import annotations
@@ -304,7 +308,21 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--problems", default="small,synthetic,patches", help="comma-separated subset")
+    ap.add_argument(
+        "--lams",
+        default=",".join([*map(str, LAM_RATIOS), "path"]),
+        help="comma-separated subset of the lam/lam_max cells and 'path'",
+    )
+    ap.add_argument("--merge", action="store_true", help="keep the rows of cells this run did not redo")
     args = ap.parse_args()
+    cells = args.lams.split(",")
+    ratios = [r for r in LAM_RATIOS if str(r) in cells or f"{r:g}" in cells]
+    do_path = "path" in cells
+    unknown = set(cells) - {str(r) for r in ratios} - {f"{r:g}" for r in ratios} - {"path"}
+    if unknown:
+        raise SystemExit(f"unknown --lams cells {sorted(unknown)}; choose from {list(LAM_RATIOS)} and 'path'")
+    name = "solvers_quick" if args.quick else "solvers"
+    old = load_previous(name) if args.merge else None
     torch.set_num_threads(args.threads)
     repeats = args.repeats or (1 if args.quick else 3)
     b = QUICK if args.quick else FULL
@@ -339,23 +357,28 @@ def main() -> None:
             "n": ref_prob.n, "d": ref_prob.d, "c": ref_prob.c, "P": ref_prob.P, "lam_max": lam_max,
         }  # fmt: skip
         last_fista = None
-        for ratio in LAM_RATIOS:
+        for ratio in ratios:
             lam = ratio * lam_max
             runs, caps, ref = run_lam(arrays, args.device, lam, repeats, b, ref_prob)
             check = {"cvxpy_objective": cvxpy_objective(arrays, lam)} if pname == "small" else {}
             for cname, reps in runs.items():
                 rows.append(summarise(pname, ratio, cname, reps, ref, {**check, **caps.get(cname, {})}))
                 if ratio == 0.01 and "history" in reps[0]:
-                    curves.setdefault(pname, {})[cname] = (reps[0]["history"], ref["f_star"])
-            last_fista = runs["fista"][0]
+                    curves.setdefault(pname, {})[cname] = curve(reps[0]["history"], ref["f_star"])
+            if ratio == 0.001:
+                last_fista = runs["fista"][0]
             print(
                 f"[{time.perf_counter() - started:.0f}s] {pname} lam={ratio:g} lam_max: "
                 f"F*={ref['f_star']:.8g} "
                 f"({ref['f_star_source']}; ref KKT {ref['ref_kkt']:.1e} in {ref['ref_seconds']:.1f}s)",
                 flush=True,
             )
-        rows.extend(path_rows(pname, arrays, args.device, ref_prob, lam_max, path_points, repeats, b, rows))
-        if "error" not in last_fista:
+        if do_path:
+            known = rows + (old["rows"] if old else [])
+            rows.extend(
+                path_rows(pname, arrays, args.device, ref_prob, lam_max, path_points, repeats, b, known)
+            )
+        if last_fista is not None and "error" not in last_fista:
             fista_row = next(
                 r for r in rows if r["problem"] == pname and r["lam"] == 0.001 and r["contender"] == "fista"
             )
@@ -366,11 +389,15 @@ def main() -> None:
             print(f"{pname} nonconvex: {row}", flush=True)
     for r in rows:
         r.pop("V", None)
+    wall = time.perf_counter() - started
+    if old is not None:
+        rows, meta = merge_rows(old, rows, meta, wall)
+        curves = {**old.get("curves", {}), **curves}
     summary = summarise_all(rows)
-    summary["wall_seconds"] = time.perf_counter() - started
-    payload = {"meta": meta, "rows": rows, "summary": summary}
-    path = write_json("solvers", payload)
-    png = plot(curves)
+    summary["wall_seconds"] = wall if old is None else sum(r["wall_seconds"] for r in meta["runs"])
+    payload = {"meta": meta, "rows": rows, "summary": summary, "curves": curves}
+    path = write_json(name, payload)
+    png = plot(curves, name)
     cols = [
         ("problem", "problem", "s"),
         ("lam", "lam/lam_max", "s"),
@@ -386,6 +413,42 @@ def main() -> None:
     print(table([{**r, "lam": str(r["lam"])} for r in rows], cols))
     print("summary:", summary)
     print(f"wrote {path} and {png}")
+
+
+def load_previous(name: str) -> dict | None:
+    """The JSON an earlier (split) run wrote, or None."""
+    import json
+
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def merge_rows(old: dict, rows: list[dict], meta: dict, wall: float) -> tuple[list[dict], dict]:
+    """Rows of this run, plus the old rows of every (problem, lam) cell this run did not redo.
+
+    ``meta["runs"]`` lists each contributing run (command, commit, cells, wall seconds) so a merged
+    file says where every cell came from; ``meta["problems"]`` is the union.
+    """
+    redone = {(r["problem"], str(r["lam"])) for r in rows}
+    kept = [r for r in old["rows"] if (r["problem"], str(r["lam"])) not in redone]
+    this_run = {
+        "command": meta.get("command"),
+        "git_commit": meta.get("git_commit"),
+        "threads": meta.get("threads"),
+        "cells": sorted({f"{p} {lam}" for p, lam in redone}),
+        "wall_seconds": wall,
+    }
+    earlier = old["meta"].get("runs") or [
+        {
+            "command": old["meta"].get("command"),
+            "git_commit": old["meta"].get("git_commit"),
+            "threads": old["meta"].get("threads"),
+            "cells": sorted({f"{r['problem']} {r['lam']}" for r in old["rows"]}),
+            "wall_seconds": old.get("summary", {}).get("wall_seconds", 0.0),
+        }
+    ]
+    problems = {**old["meta"].get("problems", {}), **meta.get("problems", {})}
+    return kept + rows, {**meta, "problems": problems, "runs": [*earlier, this_run]}
 
 
 def cvxpy_objective(arrays, lam: float) -> float | None:
@@ -536,23 +599,36 @@ def summarise_all(rows: list[dict]) -> dict:
     return out
 
 
-def plot(curves: dict):
+def curve(history: dict, f_star: float, points: int = 400) -> dict:
+    """Suboptimality vs seconds of one run (at most ``points`` samples), as stored in the JSON."""
+    objs, secs = history["objective"], history["seconds"]
+    keep = sorted(set(np.linspace(0, len(objs) - 1, min(points, len(objs))).astype(int).tolist()))
+    return {
+        "seconds": [float(secs[k]) for k in keep],
+        "subopt": [float((objs[k] - f_star) / f_star) for k in keep],
+    }
+
+
+def plot(curves: dict, name: str = "solvers"):
+    """Suboptimality vs seconds at 0.01 lam_max, one panel per problem (skipped when none ran)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(5 * max(len(curves), 1), 4))
+    if not curves:
+        return None
+    fig = Figure(figsize=(5 * len(curves), 4))
     FigureCanvasAgg(fig)
     for k, (pname, lines) in enumerate(curves.items()):
         ax = fig.add_subplot(1, len(curves), k + 1)
-        for cname, (hist, f_star) in lines.items():
-            sub = [max((f - f_star) / f_star, 1e-12) for f in hist["objective"]]
-            ax.loglog([max(s, 1e-4) for s in hist["seconds"]], sub, label=cname)
+        for cname, line in lines.items():
+            sub = [max(v, 1e-12) for v in line["subopt"]]
+            ax.loglog([max(s, 1e-4) for s in line["seconds"]], sub, label=cname)
         ax.set_title(f"{pname}, lam = 0.01 lam_max")
         ax.set_xlabel("seconds")
         ax.set_ylabel("(F - F*) / F*")
         ax.legend(fontsize=7)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "solvers.png"
+    out = RESULTS / f"{name}.png"
     fig.savefig(out, dpi=110, bbox_inches="tight")
     return out
 
