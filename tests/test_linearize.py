@@ -323,6 +323,37 @@ def test_compare_methods_matches_compute_and_reuses_the_snl_path(tmp_path):
     assert [r["top1"] for r in again] == [r["top1"] for r in rows] and len(cache) == 1
 
 
+def test_cosine_finetune_anneals_the_weights_lr_to_zero_and_keeps_score_lr(monkeypatch):
+    from convexedge.host.linearize import train as train_mod
+
+    seen: list[list[float]] = []
+    real_step = torch.optim.Adam.step
+
+    def spy(self, *a, **k):
+        seen.append([g["lr"] for g in self.param_groups])
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    net, data = _tiny(), _data(64)
+    t = net(data.x).detach()
+    score = nn.Parameter(torch.full((3,), 0.5))
+    cfg = FinetuneConfig(epochs=2.0, batch_size=16, lr=1e-2, schedule="cosine")
+    train_mod.finetune_(
+        net, t, data, cfg, generator=torch.Generator().manual_seed(0), extra_params=[score],
+        extra_loss=lambda: score.sum() * 0.0,
+    )  # fmt: skip
+    weights, scores = [s[0] for s in seen], [s[1] for s in seen]
+    assert len(weights) == 8 and weights[0] == pytest.approx(1e-2)
+    assert all(a > b for a, b in zip(weights, weights[1:], strict=False))
+    assert weights[-1] < 1e-2 * 0.05 and scores == [1e-2] * 8
+    seen.clear()
+    train_mod.finetune_(net, t, data, FinetuneConfig(epochs=1.0, batch_size=16, lr=1e-2),
+                        generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert [s[0] for s in seen] == [1e-2] * 4
+    with pytest.raises(ValueError, match="schedule"):
+        FinetuneConfig(schedule="step")
+
+
 # --------------------------------------------------------------------------- export
 def test_exported_onnx_relu_count_equals_budget(tmp_path):
     budget = 40

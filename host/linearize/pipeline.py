@@ -18,6 +18,7 @@ then exported to ONNX and the ReLUs in the graph are counted and checked against
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import tempfile
 import time
@@ -62,7 +63,7 @@ def _final(
     model, teacher_logits, train, test, ft, seed, ledger, extra_units, input_shape, example, out_dir, tag
 ):
     epochs = ft.epochs + extra_units / (3 * len(train))
-    cfg = FinetuneConfig(epochs=epochs, lr=ft.lr, batch_size=ft.batch_size, temperature=ft.temperature)
+    cfg = dataclasses.replace(ft, epochs=epochs)
     finetune_(
         model, teacher_logits, train, cfg, generator=torch.Generator().manual_seed(seed + 7), ledger=ledger
     )

@@ -7,7 +7,9 @@ distillation included) to a :class:`Ledger`, so "matched compute" is a compariso
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -56,16 +58,22 @@ class FinetuneConfig:
     """Weight fine-tuning with the masks fixed (the same for SNL and BCD).
 
     Loss: ``CE(y, s) + T^2 * KL(softmax(t/T) || softmax(s/T))`` (KD of Hinton et al., temperature T).
+    ``schedule="cosine"`` anneals the weights' learning rate from ``lr`` to 0 over the run
+    (Loshchilov & Hutter, SGDR, ICLR 2017, one cycle without restarts), so the weights at the end
+    are not one noisy step of a constant-rate walk; SNL's mask scores (``extra_params``) keep ``lr``.
     """
 
     epochs: float = 1.0  # passes over the training split (fractions allowed)
     lr: float = 1e-3  # Adam
     batch_size: int = 128
     temperature: float = 4.0
+    schedule: Literal["constant", "cosine"] = "constant"
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.lr <= 0 or self.batch_size < 1 or self.temperature <= 0:
             raise ValueError(f"FinetuneConfig: need epochs >= 0, lr > 0, batch_size >= 1, T > 0; got {self}")
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"FinetuneConfig: schedule is 'constant' or 'cosine', not {self.schedule!r}")
 
 
 def kd_loss(
@@ -144,6 +152,8 @@ def finetune_(
                 loss = loss + extra_loss()
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if config.schedule == "cosine":
+                opt.param_groups[0]["lr"] = 0.5 * config.lr * (1.0 + math.cos(math.pi * step / steps))
             opt.step()
             if extra_params:
                 with torch.no_grad():
