@@ -573,30 +573,48 @@ def path_rows(pname, arrays, device, ref_prob, lam_max, points, repeats, b: Budg
     return out
 
 
+TIMING_PROBLEMS = ("synthetic", "patches")  # ``small`` is the cvxpy correctness problem (protocol)
+
+
 def summarise_all(rows: list[dict]) -> dict:
-    """Smallest ratio over every (problem, lam) and the path, to 1e-4; a contender that never
-    reached 1e-4 counts with its total time and the ratio is marked as a lower bound."""
+    """Smallest ratio over every lam and the path, to 1e-4; a contender that never reached 1e-4
+    counts with its total time and the ratio is marked as a lower bound.
+
+    ``speedup_vs_*_min`` is over the timing problems (``TIMING_PROBLEMS``; the protocol's ``small``
+    is there for the cvxpy oracle, and its solves take tens of milliseconds, where per-iteration
+    Python overhead decides); ``speedup_vs_*_min_incl_small`` is the same over every problem.
+    """
     out: dict = {}
-    for prefix, key in (("pyscnn", "speedup_vs_pyscnn_min"), ("adam", "speedup_vs_adam_min")):
-        ratios, bounds = [], []
-        for pname, lam in {(r["problem"], r["lam"]) for r in rows}:
-            group = [r for r in rows if r["problem"] == pname and r["lam"] == lam]
-            ours = next((r for r in group if r["contender"] == "fista"), None)
-            others = [r for r in group if r["contender"].startswith(prefix) and "error" not in r]
-            if ours is None or ours.get("t_1e-04") is None or not others:
-                continue
-            reached = [r["t_1e-04"] for r in others if r.get("t_1e-04") is not None]
-            if reached:
-                ratios.append((min(reached) / ours["t_1e-04"], pname, lam))
-            else:
-                bounds.append((max(r["seconds"] for r in others) / ours["t_1e-04"], pname, lam))
-        allr = ratios + bounds
-        if allr:
-            worst = min(allr)
-            out[key] = worst[0]
-            out[key + "_at"] = f"{worst[1]} lam={worst[2]}"
-            out[key + "_is_lower_bound"] = worst in bounds
+    timing = [r for r in rows if r["problem"] in TIMING_PROBLEMS]
+    for suffix, subset in (("", timing), ("_incl_small", rows)):
+        for prefix, key in (("pyscnn", "speedup_vs_pyscnn_min"), ("adam", "speedup_vs_adam_min")):
+            worst = _worst_ratio(subset, prefix)
+            if worst is not None:
+                ratio, where, bound = worst
+                out[key + suffix] = ratio
+                out[key + suffix + "_at"] = where
+                out[key + suffix + "_is_lower_bound"] = bound
     return out
+
+
+def _worst_ratio(rows: list[dict], prefix: str) -> tuple[float, str, bool] | None:
+    """``(ratio, "problem lam=..", is_lower_bound)`` of the smallest contender/ours time ratio."""
+    ratios, bounds = [], []
+    for pname, lam in {(r["problem"], r["lam"]) for r in rows}:
+        group = [r for r in rows if r["problem"] == pname and r["lam"] == lam]
+        ours = next((r for r in group if r["contender"] == "fista"), None)
+        others = [r for r in group if r["contender"].startswith(prefix) and "error" not in r]
+        if ours is None or ours.get("t_1e-04") is None or not others:
+            continue
+        reached = [r["t_1e-04"] for r in others if r.get("t_1e-04") is not None]
+        if reached:
+            ratios.append((min(reached) / ours["t_1e-04"], pname, lam))
+        else:
+            bounds.append((max(r["seconds"] for r in others) / ours["t_1e-04"], pname, lam))
+    if not ratios + bounds:
+        return None
+    worst = min(ratios + bounds, key=lambda t: t[0])
+    return worst[0], f"{worst[1]} lam={worst[2]}", worst in bounds
 
 
 def curve(history: dict, f_star: float, points: int = 400) -> dict:
