@@ -369,12 +369,26 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = CompareConfig(
                     budgets=budgets,
                     snl=SnlConfig(max_epochs=args.snl_epochs or 150),
-                    bcd=BcdConfig(budget=0, drc=max(16, min(budgets) // 20), rt=args.rt or 8),
+                    # the MNIST-1D choices carried over (BCD_CHOSEN): warm start at 1.2x the budget,
+                    # KD ranking, SNL-score prior, a longer fine-tune once the budget is reached
+                    bcd=BcdConfig(
+                        budget=0,
+                        rt=args.rt or 8,
+                        warm_finetune=1.0,
+                        end_finetune=3.0,
+                        select="kd",
+                        prior_temperature=0.3,
+                    ),
+                    warm_factor=1.2,
+                    bcd_steps=args.bcd_steps or 20,
                     final_finetune=FinetuneConfig(
                         epochs=args.final_epochs or 5.0, schedule=args.final_schedule
                     ),
                 )
-                label = f"full protocol settings (on the data given), {args.final_schedule} final fine-tune"
+                label = (
+                    "full protocol settings (on the data given), BCD from 1.2x with KD ranking, SNL prior, "
+                    f"1 warm + 3 end epochs, {args.final_schedule} final fine-tune"
+                )
         for seed in seeds:
             t0 = time.perf_counter()
             if ds == "mnist1d":

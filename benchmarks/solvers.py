@@ -322,7 +322,6 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown --lams cells {sorted(unknown)}; choose from {list(LAM_RATIOS)} and 'path'")
     name = "solvers_quick" if args.quick else "solvers"
-    old = load_previous(name) if args.merge else None
     torch.set_num_threads(args.threads)
     repeats = args.repeats or (1 if args.quick else 3)
     b = QUICK if args.quick else FULL
@@ -374,7 +373,8 @@ def main() -> None:
                 flush=True,
             )
         if do_path:
-            known = rows + (old["rows"] if old else [])
+            earlier = load_previous(name) if args.merge else None
+            known = rows + (earlier["rows"] if earlier else [])
             rows.extend(
                 path_rows(pname, arrays, args.device, ref_prob, lam_max, path_points, repeats, b, known)
             )
@@ -390,6 +390,7 @@ def main() -> None:
     for r in rows:
         r.pop("V", None)
     wall = time.perf_counter() - started
+    old = load_previous(name) if args.merge else None  # read at the end: split runs may overlap
     if old is not None:
         rows, meta = merge_rows(old, rows, meta, wall)
         curves = {**old.get("curves", {}), **curves}
