@@ -314,7 +314,22 @@ def main() -> None:
         help="comma-separated subset of the lam/lam_max cells and 'path'",
     )
     ap.add_argument("--merge", action="store_true", help="keep the rows of cells this run did not redo")
+    ap.add_argument(
+        "--resummarise", action="store_true", help="only recompute the summary and table of the JSON"
+    )
     args = ap.parse_args()
+    if args.resummarise:
+        name = "solvers_quick" if args.quick else "solvers"
+        payload = load_previous(name)
+        if payload is None:
+            raise SystemExit(f"no {name}.json to summarise")
+        payload["summary"] = {
+            **summarise_all(payload["rows"]),
+            "wall_seconds": payload["summary"]["wall_seconds"],
+        }
+        print_table(payload["rows"], payload["summary"])
+        print(f"wrote {write_json(name, payload)}")
+        return
     cells = args.lams.split(",")
     ratios = [r for r in LAM_RATIOS if str(r) in cells or f"{r:g}" in cells]
     do_path = "path" in cells
@@ -399,6 +414,11 @@ def main() -> None:
     payload = {"meta": meta, "rows": rows, "summary": summary, "curves": curves}
     path = write_json(name, payload)
     png = plot(curves, name)
+    print_table(rows, summary)
+    print(f"wrote {path} and {png}")
+
+
+def print_table(rows: list[dict], summary: dict) -> None:
     cols = [
         ("problem", "problem", "s"),
         ("lam", "lam/lam_max", "s"),
@@ -413,7 +433,6 @@ def main() -> None:
     ]
     print(table([{**r, "lam": str(r["lam"])} for r in rows], cols))
     print("summary:", summary)
-    print(f"wrote {path} and {png}")
 
 
 def load_previous(name: str) -> dict | None:
