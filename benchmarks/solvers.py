@@ -318,8 +318,8 @@ def main() -> None:
         "--resummarise", action="store_true", help="only recompute the summary and table of the JSON"
     )
     args = ap.parse_args()
+    name = "solvers_quick" if args.quick else "solvers"
     if args.resummarise:
-        name = "solvers_quick" if args.quick else "solvers"
         payload = load_previous(name)
         if payload is None:
             raise SystemExit(f"no {name}.json to summarise")
@@ -336,7 +336,6 @@ def main() -> None:
     unknown = set(cells) - {str(r) for r in ratios} - {f"{r:g}" for r in ratios} - {"path"}
     if unknown:
         raise SystemExit(f"unknown --lams cells {sorted(unknown)}; choose from {list(LAM_RATIOS)} and 'path'")
-    name = "solvers_quick" if args.quick else "solvers"
     torch.set_num_threads(args.threads)
     repeats = args.repeats or (1 if args.quick else 3)
     b = QUICK if args.quick else FULL
