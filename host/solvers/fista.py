@@ -69,6 +69,7 @@ from convexedge.device.errors import ArtifactError, ConvergenceWarning
 from convexedge.device.fista import check_fista_settings
 from convexedge.host.solvers.adam import AdamConfig, _solve_adam
 from convexedge.host.solvers.checkpoint import SolverCheckpoint, load_arrays, save_arrays
+from convexedge.host.solvers.metric import BlockMetric, prox_in_metric
 from convexedge.host.solvers.problem import (
     GatedProblem,
     GramData,
@@ -132,9 +133,27 @@ class FistaConfig:
     # holds a Gram. An explicit "gram" ignores the cap.
     operator: Literal["auto", "direct", "gram"] = "auto"
     gram_max_bytes: int = 512 * 2**20
+    # Metric of the proximal step (a marked departure from Beck & Teboulle's Euclidean step; see
+    # convexedge.host.solvers.metric): "identity" is the Euclidean step; "block" the block-Jacobi
+    # metric M = blockdiag_i(Z^T D_i Z / n), whose prox is still exact (a secular equation per
+    # group) and which removes the within-gate ill-conditioning of real activations (93 vs 354
+    # iterations to 1e-4 on the benchmark's patches problem at 0.01 lam_max); "auto": block in
+    # gram mode (its blocks are the Gram's diagonal, free), identity in direct mode (where they
+    # would cost a pass over the rows and, on isotropic features, gain little).
+    metric: Literal["auto", "identity", "block"] = "auto"
+    # Block metric: eigenvalues floored at this fraction of the largest (keeps M invertible).
+    metric_floor: float = 1e-6
 
     def __post_init__(self) -> None:
         check_fista_settings(self)  # the checks shared with the device FISTA
+        if self.metric not in ("auto", "identity", "block"):
+            raise ValueError(f"metric must be 'auto', 'identity' or 'block', got {self.metric!r}")
+        if not (
+            isinstance(self.metric_floor, (int, float))
+            and not isinstance(self.metric_floor, bool)
+            and 0 < self.metric_floor < 1
+        ):
+            raise ValueError(f"metric_floor must be a number in (0, 1), got {self.metric_floor!r}")
         if self.momentum_a is not None and not (
             isinstance(self.momentum_a, (int, float))
             and math.isfinite(self.momentum_a)
@@ -357,6 +376,24 @@ def _operator(problem: GatedProblem, config: FistaConfig) -> _Operator:
     return _Gram(problem) if _use_gram(problem, config) else _Direct(problem)
 
 
+def _use_block_metric(problem: GatedProblem, config: FistaConfig) -> bool:
+    metric = getattr(config, "metric", "identity")
+    if metric == "auto":
+        return _use_gram(problem, config)
+    return metric == "block"
+
+
+def _metric(problem: GatedProblem, config: FistaConfig) -> BlockMetric | None:
+    """The block metric ``config.metric`` resolves to (None: Euclidean), cached on the problem."""
+    if not _use_block_metric(problem, config):
+        return None
+    key = float(config.metric_floor)
+    if key not in problem._metrics:
+        H = problem.gate_blocks() / problem.n
+        problem._metrics[key] = BlockMetric.from_blocks(H, key, problem.Z.dtype)
+    return problem._metrics[key]
+
+
 # --------------------------------------------------------------------------------- init / step
 def _start_point(
     problem: GatedProblem, config: FistaConfig, V0: torch.Tensor | None
@@ -376,8 +413,11 @@ def _start_point(
     return op, x, op.image(x)
 
 
-def _estimate_step(problem: GatedProblem, op: _Operator | None = None) -> float:
-    """``1 / L`` with ``L = ||A||^2 / n`` from a few power iterations on ``A^T A / n``.
+def _estimate_step(
+    problem: GatedProblem, op: _Operator | None = None, metric: BlockMetric | None = None
+) -> float:
+    """``1 / L`` with ``L = ||A||^2 / n`` from a few power iterations on ``A^T A / n`` (on
+    ``M^-1 A^T A / n`` with a block ``metric``: ``L`` measured in ``M``).
 
     Power iteration underestimates ``L``, so the step may be slightly too long; the line search
     shrinks it on the first iteration if so.
@@ -389,6 +429,8 @@ def _estimate_step(problem: GatedProblem, op: _Operator | None = None) -> float:
     L = 0.0
     for _ in range(_POWER_ITERS):
         w = op.normal(v) / problem.n
+        if metric is not None:
+            w = metric.solve(w)
         L = float(torch.linalg.vector_norm(w, dtype=torch.float64))
         if L == 0.0:
             return 1.0
@@ -413,7 +455,10 @@ def fista_init(
     op, x, pred = _start_point(problem, config, V0)
     grad = op.grad(pred)
     fx = op.smooth(x, pred) + lam * float(problem.penalty(x))
-    step = config.step_init if config.step_init is not None else _estimate_step(problem, op)
+    if config.step_init is not None:
+        step = config.step_init
+    else:
+        step = _estimate_step(problem, op, _metric(problem, config))
     return FistaState(
         x=x, x_prev=x, y=x, t=1.0, step=float(step), pred_x=pred, pred_y=pred, fx=fx,
         it=0, restarts=0, grad_x=grad, grad_y=grad,
@@ -441,19 +486,32 @@ def fista_step(problem: GatedProblem, lam: float, config: FistaConfig, state: Fi
             f"operator {op.kind!r} needs {op.image_shape}); continue with the config that made it"
         )
 
+    # With a block metric (FistaConfig.metric) the step is taken in rotated coordinates, where M
+    # is diagonal: ||.||_M below is the metric norm and the restart's inner product is <., .>_M.
+    metric = _metric(problem, config)
+    if metric is not None:
+        w = metric.weights(y.dtype)
+        y_rot, g_rot = metric.rotate(y), metric.rotate(grad_y) / w
+
     # Departure from Beck & Teboulle (whose backtracking only shrinks): first try a longer step,
     # as in Scheinberg, Goldfarb & Bai 2014, so the step follows the local curvature both ways.
     step = state.step * config.grow
     for trial in range(_MAX_TRIALS):
-        z = prox_group(y - step * grad_y, step * lam, problem.group)
+        if metric is None:
+            z = prox_group(y - step * grad_y, step * lam, problem.group)
+            diff = z - y
+            dz = torch.linalg.vector_norm(diff, dtype=torch.float64).square()
+        else:
+            z_rot = prox_in_metric(y_rot - step * g_rot, metric.w / step, lam, problem.group)
+            z = metric.unrotate(z_rot)
+            diff = z - y
+            dz = torch.sum(w * (z_rot - y_rot).square(), dtype=torch.float64)
         pred_z = op.image(z)
         # Beck & Teboulle's test f(z) <= f(y) + <grad f(y), z - y> + ||z - y||^2 / (2 step) is, for
         # our quadratic f, exactly ||A(z - y)||^2 / (2n) <= ||z - y||^2 / (2 step). Departure: we
         # test this form, which has no cancellation between two nearly equal objective values, so
         # the search does not fail spuriously in float32 near the optimum. ||A(z - y)||^2 is
         # ||pred_z - pred_y||^2 (direct) or <z - y, G z - G y> (gram).
-        diff = z - y
-        dz = torch.linalg.vector_norm(diff, dtype=torch.float64).square()
         if dz == 0:
             step = state.step  # nothing moved: do not let the step grow without bound
             break
@@ -472,7 +530,11 @@ def fista_step(problem: GatedProblem, lam: float, config: FistaConfig, state: Fi
     # Adaptive restart (O'Donoghue & Candès 2015, Sec. 3.2), tested on the prox point z.
     if config.restart == "gradient":
         # Their gradient scheme: restart when (y_{k-1} - x_k)^T (x_k - x_{k-1}) > 0.
-        restart = bool(torch.sum((y - z) * (z - x), dtype=torch.float64) > 0)
+        if metric is None:
+            restart = bool(torch.sum((y - z) * (z - x), dtype=torch.float64) > 0)
+        else:
+            inner = torch.sum(w * (y_rot - z_rot) * (z_rot - metric.rotate(x)), dtype=torch.float64)
+            restart = bool(inner > 0)
     elif config.restart == "function":
         restart = fz > state.fx
     else:
@@ -583,6 +645,7 @@ def _state_header(problem: GatedProblem, lam: float, config: FistaConfig) -> dic
         "n": problem.n, "n_local": problem.n_local, "dtype": _dtype_name(problem),
         "group": problem.group, "operator": "gram" if _use_gram(problem, config) else "direct",
         "restart": config.restart, "monotone": config.monotone,
+        "metric": f"block:{config.metric_floor:g}" if _use_block_metric(problem, config) else "identity",
         "rank": problem.rank, "world_size": problem.world_size,
     }  # fmt: skip
 

@@ -228,6 +228,8 @@ class GatedProblem:
     _grad0_norms: torch.Tensor | None = field(default=None, init=False, repr=False)
     _aty: torch.Tensor | None = field(default=None, init=False, repr=False)
     _gram: GramData | None = field(default=None, init=False, repr=False)
+    _blocks: torch.Tensor | None = field(default=None, init=False, repr=False)
+    _metrics: dict = field(default_factory=dict, init=False, repr=False)  # FISTA's, by floor
     _buf: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -506,6 +508,30 @@ class GatedProblem:
     def has_gram(self) -> bool:
         """Whether :meth:`gram` has already been built (and is cached)."""
         return self._gram is not None
+
+    def gate_blocks(self) -> torch.Tensor:
+        """The diagonal (gate) blocks ``Z^T D_i Z`` of ``A^T A``, (P, d, d) float64 (cached).
+
+        Taken from the Gram when it is built; otherwise one pass over the rows (``2 n_i d^2`` flops
+        per gate, ``n_i`` its rows on), summed over the ranks. Used by FISTA's block metric.
+        """
+        if self._blocks is not None:
+            return self._blocks
+        P, d = self.P, self.d
+        if self._gram is not None:
+            G = self._gram.G
+            H = torch.stack([G[i * d : (i + 1) * d, i * d : (i + 1) * d] for i in range(P)]).to(torch.float64)
+        else:
+            H = torch.zeros((P, d, d), dtype=torch.float64, device=self.Z.device)
+            for sl in self._chunks():
+                Zc, Mc = self.Z[sl], self.masks[sl]
+                for i in range(P):
+                    Zi = Zc[Mc[:, i]]
+                    if Zi.shape[0]:
+                        H[i] += torch.mm(Zi.T, Zi).to(torch.float64)
+            self._sum_(H)
+        self._blocks = H
+        return H
 
     def gram(self) -> GramData:
         """``G = A^T A``, ``B = A^T Y`` and ``||Y||^2`` (built on the first call, then cached).
