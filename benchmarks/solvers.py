@@ -7,7 +7,8 @@ pyscnn solves), all in float32 on the same device and thread count, in this one 
   path), Gram build (when the operator picks it) included in every repeat;
 * ``pyscnn`` / ``pyscnn_tight``: pyscnn 0.0.10 R-FISTA through our adapter (our masks, ``lam / c``),
   its default tol and a tightened one (1e-10); its seconds are its own solve clock, which
-  excludes its data conversion and its per-iteration metric evaluation (both in its favour);
+  excludes its data conversion and its per-iteration metric evaluation (both in its favour), and
+  its cap runs on that same clock (``PyscnnConfig.max_seconds``);
 * ``adam_lr*``: proximal Adam on the same objective, one run per lr in {1e-3, 3e-3, 1e-2};
   ``adam_best``: the lr whose sweep run ended lowest, run again with a longer cap;
 * ``adam_relu_net`` (lam "nonconvex", not in the summary): Adam on an ordinary two-layer ReLU net

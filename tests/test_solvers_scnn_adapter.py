@@ -61,6 +61,22 @@ def test_pyscnn_time_cap_stops_unconverged():
 
 
 @needs_scnn
+def test_pyscnn_time_cap_is_on_its_own_solve_clock_and_pyscnn_is_restored():
+    import scnn.private.methods.optimization_procedures.iterative as loop
+
+    before = loop.update_metrics
+    prob = tiny()
+    cfg = PyscnnConfig(max_iter=10**7, tol=0.0, max_seconds=0.4)
+    with pytest.warns(ConvergenceWarning, match="max_seconds=0.4"):
+        res = solve(prob, 0.01 * prob.lam_max(), cfg, method="pyscnn")
+    own = res.history["seconds"][-1]  # pyscnn's solve clock, metric evaluation excluded
+    # the cap ran on that clock: it reached (about) the cap, while the wall clock ran longer
+    assert 0.2 < own < 0.4 + 1.0
+    assert res.seconds > own
+    assert loop.update_metrics is before
+
+
+@needs_scnn
 def test_pyscnn_zero_solution_above_lam_max():
     prob = tiny()
     res = solve(prob, 1.5 * prob.lam_max(), method="pyscnn")

@@ -31,6 +31,7 @@ switches it, as pyscnn itself does.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import time
@@ -56,8 +57,9 @@ class PyscnnConfig:
     tol: float = 1e-6
     # Record pyscnn's objective (and its solve-only clock) every this many iterations.
     metric_freq: int = 1
-    # Wall-clock cap in seconds (None: none), checked by pyscnn before every iteration; hitting it
-    # returns converged=False with a ConvergenceWarning, like max_iter.
+    # Cap in seconds (None: none) on pyscnn's own solve clock (the one SolveResult.seconds and the
+    # history report: wall time minus its per-iteration metric evaluation), checked by pyscnn
+    # before every iteration; hitting it returns converged=False with a ConvergenceWarning.
     max_seconds: float | None = None
 
     def __post_init__(self) -> None:
@@ -76,21 +78,35 @@ class PyscnnConfig:
 
 
 class _Deadline:
-    """pyscnn termination criterion that also stops once ``max_seconds`` have passed.
+    """pyscnn termination criterion that also stops once ``max_seconds`` of its own clock passed.
 
     pyscnn's loop tests its criterion before every iteration and reports ``success`` when it
     returns True; :attr:`timed_out` tells the adapter that the stop was the clock, not convergence.
+    The clock is pyscnn's solve clock: wall time minus the time spent in its metric evaluation
+    (:meth:`metrics_timer` wraps that function and adds its time to :attr:`excluded`), so a cap
+    of ``k`` times another solver's time means ``k`` times on the clock both are reported on.
     """
 
     def __init__(self, inner, max_seconds: float) -> None:
         self.inner = inner
         self.deadline = time.perf_counter() + max_seconds
+        self.excluded = 0.0
         self.timed_out = False
+
+    def metrics_timer(self, fn):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.excluded += time.perf_counter() - t0
+
+        return timed
 
     def __call__(self, *args, **kwargs) -> bool:
         if self.inner(*args, **kwargs):
             return True
-        if time.perf_counter() >= self.deadline:
+        if time.perf_counter() - self.excluded >= self.deadline:
             self.timed_out = True
             return True
         return False
@@ -162,13 +178,19 @@ def _solve_pyscnn(
     procedure = build_optimizer(RFISTA(public, max_iters=config.max_iter, tol=config.tol), reg, metrics)
     logger = logging.getLogger("scnn")  # pyscnn's get_logger would call logging.basicConfig
     deadline = None
+    loop = importlib.import_module("scnn.private.methods.optimization_procedures.iterative")
+    original = loop.update_metrics
     if config.max_seconds is not None:
         deadline = _Deadline(procedure.term_criterion, config.max_seconds)
         procedure.term_criterion = deadline
+        loop.update_metrics = deadline.metrics_timer(original)  # restored below
     t0 = time.perf_counter()
-    exit_status, model, log = procedure(
-        logger, model, lambda m: m, (X, Y), (X, Y), build_metrics_tuple(metrics)
-    )
+    try:
+        exit_status, model, log = procedure(
+            logger, model, lambda m: m, (X, Y), (X, Y), build_metrics_tuple(metrics)
+        )
+    finally:
+        loop.update_metrics = original
     solve_seconds = time.perf_counter() - t0
     W = model.weights
     W = W if isinstance(W, torch.Tensor) else torch.from_numpy(np.asarray(W))
