@@ -26,7 +26,7 @@ Time to a tolerance ``t`` is the first logged time with ``(F - F*) / F* <= t`` (
 its objective every iteration; for ours that costs one KKT evaluation per iteration, timed).
 
 Run: ``python -m benchmarks.solvers [--quick] [--device cuda] [--problems small,synthetic]
-[--lams 0.1,0.01,0.001,path] [--merge]``; writes ``benchmarks/results/solvers.json`` and
+[--lams 0.1,0.01,0.001,path] [--merge] [--skip-nonconvex]``; writes ``benchmarks/results/solvers.json`` and
 ``solvers.png`` (``--quick``: ``solvers_quick.json`` / ``.png``). The full run takes hours on two
 cores, so it can be split: ``--lams`` picks the single-lam cells and/or the path, and ``--merge``
 keeps the rows of every (problem, lam) cell this run did not redo; the summary is recomputed over
@@ -316,6 +316,11 @@ def main() -> None:
     )
     ap.add_argument("--merge", action="store_true", help="keep the rows of cells this run did not redo")
     ap.add_argument(
+        "--skip-nonconvex",
+        action="store_true",
+        help="do not run the ReLU-net row after the 0.001 cell (with --merge the earlier row is kept)",
+    )
+    ap.add_argument(
         "--resummarise", action="store_true", help="only recompute the summary and table of the JSON"
     )
     args = ap.parse_args()
@@ -393,7 +398,7 @@ def main() -> None:
             rows.extend(
                 path_rows(pname, arrays, args.device, ref_prob, lam_max, path_points, repeats, b, known)
             )
-        if last_fista is not None and "error" not in last_fista:
+        if last_fista is not None and "error" not in last_fista and not args.skip_nonconvex:
             fista_row = next(
                 r for r in rows if r["problem"] == pname and r["lam"] == 0.001 and r["contender"] == "fista"
             )
