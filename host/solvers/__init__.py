@@ -11,6 +11,8 @@ adjoint in row chunks; :func:`solve` minimises ``1/(2n) ||A(V) - Y||_F^2 + lam *
 solver as pure functions over a :class:`FistaState` so a caller can run a few iterations and resume;
 :func:`solve_path` solves a decreasing ``lam`` path with warm starts and strong-rule screening;
 :func:`newton_polish` drives an answer to a tight KKT residual (active-set Newton, float64).
+FISTA's proximal step can use the block-Jacobi metric of the gates' Hessian blocks
+(``FistaConfig(metric="block")``, the default with the Gram operator; :mod:`.metric`).
 Both take ``checkpoint=SolverCheckpoint(folder)`` to save and resume their state, and run data
 parallel on a problem built with a reduction hook (``GatedProblem(..., comm=...)``).
 Everything runs in torch on the tensors' device (CPU or CUDA).

@@ -16,7 +16,10 @@ algorithm for linear inverse problems", SIAM J. Imaging Sci. 2009) with
   iterates of FISTA", JOTA 2015, with ``a = 1`` by default (a marked departure, see
   ``FistaConfig.momentum_a``; ``momentum_a=None`` gives Beck & Teboulle's sequence);
 * optionally the monotone variant MFISTA (Beck & Teboulle, "Fast gradient-based algorithms for
-  constrained total variation image denoising and deblurring problems", IEEE TIP 2009).
+  constrained total variation image denoising and deblurring problems", IEEE TIP 2009);
+* a fixed block-Jacobi metric for the proximal step (``FistaConfig.metric``; a marked departure
+  from the Euclidean step, the default with the Gram operator; the prox stays exact, see
+  :mod:`~convexedge.host.solvers.metric`).
 
 The solver is a pair of pure functions over a small named state, :func:`fista_init` and
 :func:`fista_step`, so a caller can run a few iterations, stop and resume; :func:`solve` is the
