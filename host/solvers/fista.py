@@ -139,8 +139,8 @@ class FistaConfig:
     # Metric of the proximal step (a marked departure from Beck & Teboulle's Euclidean step; see
     # convexedge.host.solvers.metric): "identity" is the Euclidean step; "block" the block-Jacobi
     # metric M = blockdiag_i(Z^T D_i Z / n), whose prox is still exact (a secular equation per
-    # group) and which removes the within-gate ill-conditioning of real activations (93 vs 354
-    # iterations to 1e-4 on the benchmark's patches problem at 0.01 lam_max); "auto": block in
+    # group) and which removes the within-gate ill-conditioning of real activations (compared
+    # with the Euclidean step by `python -m benchmarks.solver_metric`); "auto": block in
     # gram mode (its blocks are the Gram's diagonal, free), identity in direct mode (where they
     # would cost a pass over the rows and, on isotropic features, gain little).
     metric: Literal["auto", "identity", "block"] = "auto"
@@ -380,10 +380,9 @@ def _operator(problem: GatedProblem, config: FistaConfig) -> _Operator:
 
 
 def _use_block_metric(problem: GatedProblem, config: FistaConfig) -> bool:
-    metric = getattr(config, "metric", "identity")
-    if metric == "auto":
+    if config.metric == "auto":
         return _use_gram(problem, config)
-    return metric == "block"
+    return config.metric == "block"
 
 
 def _metric(problem: GatedProblem, config: FistaConfig) -> BlockMetric | None:
@@ -502,12 +501,10 @@ def fista_step(problem: GatedProblem, lam: float, config: FistaConfig, state: Fi
     for trial in range(_MAX_TRIALS):
         if metric is None:
             z = prox_group(y - step * grad_y, step * lam, problem.group)
-            diff = z - y
-            dz = torch.linalg.vector_norm(diff, dtype=torch.float64).square()
+            dz = torch.linalg.vector_norm(z - y, dtype=torch.float64).square()
         else:
             z_rot = prox_in_metric(y_rot - step * g_rot, metric.w / step, lam, problem.group)
             z = metric.unrotate(z_rot)
-            diff = z - y
             dz = torch.sum(w * (z_rot - y_rot).square(), dtype=torch.float64)
         pred_z = op.image(z)
         # Beck & Teboulle's test f(z) <= f(y) + <grad f(y), z - y> + ||z - y||^2 / (2 step) is, for
@@ -518,7 +515,7 @@ def fista_step(problem: GatedProblem, lam: float, config: FistaConfig, state: Fi
         if dz == 0:
             step = state.step  # nothing moved: do not let the step grow without bound
             break
-        dpred = op.quad(diff, pred_z - pred_y)
+        dpred = op.quad(z - y, pred_z - pred_y)
         if bool(dpred / n <= dz / step):
             break
         if trial < _MAX_TRIALS - 1:
