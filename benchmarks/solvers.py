@@ -6,11 +6,16 @@ pyscnn solves), all in float32 on the same device and thread count, in this one 
 * ``fista``: ours, default config (tol 1e-6 relative KKT at a single lam, ``PATH_TOL`` on the
   path), Gram build (when the operator picks it) included in every repeat;
 * ``pyscnn`` / ``pyscnn_tight``: pyscnn 0.0.10 R-FISTA through our adapter (our masks, ``lam / c``),
-  its default tol and a tightened one (1e-10); its seconds are its own solve clock, which
+  its default tol and none at a single lam (``tol=0``: it runs until its cap and is timed from its
+  history, because its own stop rule, an absolute squared subgradient norm, fired at synthetic
+  0.001 lam_max with tol 1e-10 while its suboptimality was still 1.4e-4; on the path, which is
+  timed to each solver's own stop, tol 1e-10); its seconds are its own solve clock, which
   excludes its data conversion and its per-iteration metric evaluation (both in its favour), and
   its cap runs on that same clock (``PyscnnConfig.max_seconds``);
 * ``adam_lr*``: proximal Adam on the same objective, one run per lr in {1e-3, 3e-3, 1e-2};
-  ``adam_best``: the lr whose sweep run ended lowest, run again with a longer cap;
+  ``adam_best``: the lr whose sweep run reached 1e-4 first (else ended lowest), run again with a
+  longer cap; each Adam run ends early once its objective is within ``ADAM_STOP`` of the float64
+  reference (a saving of benchmark time only: time to 1e-4 is read from its history as for all);
 * ``adam_relu_net`` (lam "nonconvex", not in the summary): Adam on an ordinary two-layer ReLU net
   with P hidden units until its training loss ``1/(2n) ||f(Z) - Y||^2`` matches ours at 0.001 lam_max.
 
@@ -54,6 +59,7 @@ from convexedge.host.solvers.scnn_adapter import scnn_available
 TOLS = (1e-2, 1e-3, 1e-4)
 LAM_RATIOS = (0.1, 0.01, 0.001)
 ADAM_LRS = (1e-3, 3e-3, 1e-2)
+ADAM_STOP = 0.5e-4  # a single-lam Adam run ends at this suboptimality w.r.t. the float64 reference
 PATH_TOL = 1e-5  # our relative-KKT stop on the path (1e-6 at a single lam, timed from its history)
 
 
@@ -157,16 +163,20 @@ def reach(history: dict, f_star: float) -> dict:
     return out
 
 
-def run_one(arrays, device: str, lam: float, cfg, method: str, V0=None) -> dict:
-    """One solve on a fresh problem (so the Gram build counts in every repeat); errors become rows."""
+def run_one(arrays, device: str, lam: float, cfg, method: str, V0=None, stop_at: float | None = None) -> dict:
+    """One solve on a fresh problem (so the Gram build counts in every repeat); errors become rows.
+
+    ``stop_at`` (fista, adam): end the solve at the first checked objective ``<= stop_at``.
+    """
     prob = fresh(arrays, device)
+    stop = None if stop_at is None else (lambda it, f, kkt: f <= stop_at)
     if device == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            res = solve(prob, lam, cfg, V0=V0, method=method)
+            res = solve(prob, lam, cfg, V0=V0, method=method, progress=stop)
     except Exception as exc:  # a contender that fails is a row with its error
         return {"error": f"{type(exc).__name__}: {exc}"}
     if device == "cuda":
@@ -212,20 +222,29 @@ def run_lam(arrays, device: str, lam: float, repeats: int, b: Budgets, ref_prob:
     caps: dict[str, dict] = {}
     if scnn_available():
         cap = b.pyscnn_factor * t_ours
-        for cname, tol in (("pyscnn", 1e-6), ("pyscnn_tight", 1e-10)):
+        for cname, tol in (("pyscnn", 1e-6), ("pyscnn_tight", 0.0)):
             cfg = PyscnnConfig(tol=tol, max_iter=b.pyscnn_max_iter, max_seconds=cap)
             runs[cname] = [run_one(arrays, device, lam, cfg, "pyscnn") for _ in range(repeats)]
             caps[cname] = {"max_seconds": cap, "max_iter": b.pyscnn_max_iter, "tol": tol}
+    # Adam stops once it is safely past 1e-4 of the reference (ADAM_STOP), which only saves
+    # benchmark time: its time to 1e-4 is read from its history as before.
+    stop_at = ref["f_star"] * (1 + ADAM_STOP)
     sweep = b.adam_sweep_factor * t_ours
     for lr in ADAM_LRS:  # the sweep: one repeat per lr
         cfg = AdamConfig(lr=lr, tol=1e-6, max_iter=10**8, max_seconds=sweep)
-        runs[f"adam_lr{lr:g}"] = [run_one(arrays, device, lam, cfg, "adam")]
-        caps[f"adam_lr{lr:g}"] = {"max_seconds": sweep, "lr": lr}
-    best_lr = min(ADAM_LRS, key=lambda lr: runs[f"adam_lr{lr:g}"][0].get("objective", math.inf))
+        runs[f"adam_lr{lr:g}"] = [run_one(arrays, device, lam, cfg, "adam", stop_at=stop_at)]
+        caps[f"adam_lr{lr:g}"] = {"max_seconds": sweep, "lr": lr, "stop_at_subopt": ADAM_STOP}
+
+    def sweep_rank(lr):  # first to 1e-4 of the reference, else the lowest final objective
+        r = runs[f"adam_lr{lr:g}"][0]
+        t4 = reach(r["history"], ref["f_star"])[1e-4][0] if "error" not in r else None
+        return (math.inf if t4 is None else t4, r.get("objective", math.inf))
+
+    best_lr = min(ADAM_LRS, key=sweep_rank)
     long = b.adam_factor * t_ours
     cfg = AdamConfig(lr=best_lr, tol=1e-6, max_iter=10**8, max_seconds=long)
-    runs["adam_best"] = [run_one(arrays, device, lam, cfg, "adam")]
-    caps["adam_best"] = {"max_seconds": long, "lr": best_lr}
+    runs["adam_best"] = [run_one(arrays, device, lam, cfg, "adam", stop_at=stop_at)]
+    caps["adam_best"] = {"max_seconds": long, "lr": best_lr, "stop_at_subopt": ADAM_STOP}
     # F* = min(reference, the best true final objective of any contender)
     best = min(
         ((r["objective"], cname) for cname, reps in runs.items() for r in reps if "error" not in r),
@@ -546,6 +565,7 @@ def path_rows(pname, arrays, device, ref_prob, lam_max, points, repeats, b: Budg
     t_ours = max(statistics.median(s for s, _ in runs["fista"]), b.min_seconds)
     if scnn_available():
         per_lam = max(b.min_seconds, b.pyscnn_factor * t_ours) / points
+        # timed to its own stop, so the tightened variant keeps a tol (0 would spend every cap)
         for cname, tol in (("pyscnn", 1e-6), ("pyscnn_tight", 1e-10)):
             cfg = PyscnnConfig(tol=tol, max_iter=b.pyscnn_max_iter, max_seconds=per_lam)
             caps[cname] = {"max_seconds_per_lam": per_lam, "tol": tol}

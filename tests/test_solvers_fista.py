@@ -206,6 +206,29 @@ def test_progress_and_check_every():
     assert its == res.history["iteration"] and all(i % 5 == 0 for i in its)
 
 
+@pytest.mark.parametrize("method", ["fista", "adam"])
+def test_progress_returning_true_stops_the_solve(method):
+    """A callback that returns True (here: a target objective reached) ends the solve at that
+    check, unconverged and with a warning; a callback returning other truthy values does not."""
+    from convexedge.host.solvers.adam import AdamConfig
+
+    prob = make_problem()
+    lam = 0.01 * prob.lam_max()
+    cfg = FistaConfig(tol=1e-10) if method == "fista" else AdamConfig(lr=1e-2, tol=1e-10, max_iter=20_000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        full = solve(prob, lam, cfg, method=method)
+    target = full.history["objective"][0] - 0.9 * (full.history["objective"][0] - full.objective)
+    with pytest.warns(ConvergenceWarning, match="request to stop"):
+        res = solve(prob, lam, cfg, method=method, progress=lambda it, f, kkt: f <= target)
+    assert not res.converged and 0 < res.iterations < full.iterations
+    assert res.history["objective"][-1] <= target < res.history["objective"][-2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        same = solve(prob, lam, cfg, method=method, progress=lambda *a: 1)
+    assert same.iterations == full.iterations
+
+
 def test_float32_reaches_moderate_tol():
     prob = make_problem(n=2000, d=20, c=6, P=8, seed=8, dtype="float32")
     res = solve(prob, 0.01 * prob.lam_max(), FistaConfig(tol=1e-4))

@@ -143,7 +143,7 @@ def _solve_adam(
     lam: float,
     config: AdamConfig,
     V0: torch.Tensor | None,
-    progress: Callable[[int, float, float], None] | None,
+    progress: Callable[[int, float, float], bool | None] | None,
 ):
     from convexedge.host.solvers.fista import (
         SolveResult,
@@ -162,18 +162,22 @@ def _solve_adam(
     state = adam_init(problem, lam, config, V0)
     history: dict[str, list[float]] = {k: [] for k in ("iteration", "objective", "kkt", "step", "seconds")}
 
+    asked = False
+
     def check(s: AdamState) -> float:
+        nonlocal asked
         kkt = kkt_residual(problem, s.x, lam, grad=s.grad_x)
         fx = op.smooth(s.x, s.pred_x) + lam * float(problem.penalty(s.x))
         for key, val in zip(history, (s.it, fx, kkt, config.lr, time.perf_counter() - start), strict=True):
             history[key].append(float(val))
         if progress is not None:
-            progress(s.it, fx, kkt)
+            asked = progress(s.it, fx, kkt) is True
         return kkt
 
     state, kkt, converged, knob = _run_until_converged(
-        state, lambda s: adam_step(problem, lam, config, s), check, config, start
-    )
+        state, lambda s: adam_step(problem, lam, config, s), check, config, start,
+        stop=None if progress is None else (lambda: asked),
+    )  # fmt: skip
     if not converged:
         warnings.warn(
             f"proximal Adam stopped at {knob}, or tune lr={config.lr:g} (a constant lr stalls "

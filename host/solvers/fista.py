@@ -601,13 +601,15 @@ def _dtype_name(problem: GatedProblem) -> str:
     return str(problem.Z.dtype).removeprefix("torch.")
 
 
-def _run_until_converged(state, step, check, config, start: float, agree=bool):
+def _run_until_converged(state, step, check, config, start: float, agree=bool, stop=None):
     """Drive ``state = step(state)`` until ``check(state) <= config.tol`` or a cap is hit.
 
     Shared by the FISTA and proximal-Adam drivers. ``check`` is evaluated every
     ``config.check_every`` iterations, at ``max_iter`` and when ``max_seconds`` runs out.
     ``agree`` makes the wall-clock test identical on every rank of a data-parallel solve
-    (``GatedProblem._agree``); it is only called when ``max_seconds`` is set.
+    (``GatedProblem._agree``); it is only called when ``max_seconds`` or ``stop`` is set.
+    ``stop`` (optional, no arguments) is asked after every check whether the caller wants the
+    solve to end there (the ``progress`` callback returned True).
 
     Returns:
         ``(state, kkt, converged, knob)``: ``knob`` names the cap that stopped an unconverged run
@@ -616,17 +618,21 @@ def _run_until_converged(state, step, check, config, start: float, agree=bool):
     kkt = check(state)
     converged = kkt <= config.tol
     timed_out = False
-    while not converged and state.it < config.max_iter:
+    asked = stop is not None and agree(stop())
+    while not converged and not asked and state.it < config.max_iter:
         state = step(state)
         elapsed = time.perf_counter() - start
         timed_out = config.max_seconds is not None and agree(elapsed >= config.max_seconds)
         if state.it % config.check_every == 0 or state.it == config.max_iter or timed_out:
             kkt = check(state)
             converged = kkt <= config.tol
+            asked = stop is not None and agree(stop())
         if timed_out and not converged:
             break
     if converged:
         return state, kkt, True, None
+    if asked:
+        return state, kkt, False, "the progress callback's request to stop"
     if timed_out:
         return state, kkt, False, f"max_seconds={config.max_seconds}; raise max_seconds"
     return state, kkt, False, f"max_iter={config.max_iter}; raise max_iter"
@@ -687,7 +693,7 @@ def _solve_fista(
     lam: float,
     config: FistaConfig,
     V0: torch.Tensor | None,
-    progress: Callable[[int, float, float], None] | None,
+    progress: Callable[[int, float, float], bool | None] | None,
     checkpoint: SolverCheckpoint | None = None,
 ) -> SolveResult:
     start = time.perf_counter()
@@ -708,23 +714,25 @@ def _solve_fista(
     else:
         state = fista_init(problem, lam, config, V0)
     saved_it = state.it
+    asked = False
 
     def check(s: FistaState) -> float:
-        nonlocal saved_it
+        nonlocal saved_it, asked
         kkt = kkt_residual(problem, s.x, lam, grad=s.grad_x)
         elapsed = time.perf_counter() - start
         for key, val in zip(history, (s.it, s.fx, kkt, s.step, elapsed), strict=True):
             history[key].append(float(val))
         if progress is not None:
-            progress(s.it, s.fx, kkt)
+            asked = progress(s.it, s.fx, kkt) is True
         if checkpoint is not None and s.it >= saved_it + checkpoint.every:
             _save_state(ck_path, problem, header, s, history, elapsed)
             saved_it = s.it
         return kkt
 
     state, kkt, converged, knob = _run_until_converged(
-        state, lambda s: fista_step(problem, lam, config, s), check, config, start, agree=problem._agree
-    )
+        state, lambda s: fista_step(problem, lam, config, s), check, config, start,
+        agree=problem._agree, stop=None if progress is None else (lambda: asked),
+    )  # fmt: skip
     if checkpoint is not None and saved_it != state.it:
         _save_state(ck_path, problem, header, state, history, time.perf_counter() - start)
     if not converged:
@@ -749,7 +757,7 @@ def solve(
     config: FistaConfig | AdamConfig | PyscnnConfig | None = None,
     V0: torch.Tensor | None = None,
     method: Literal["fista", "adam", "pyscnn"] = "fista",
-    progress: Callable[[int, float, float], None] | None = None,
+    progress: Callable[[int, float, float], bool | None] | None = None,
     *,
     checkpoint: SolverCheckpoint | None = None,
 ) -> SolveResult:
@@ -775,7 +783,9 @@ def solve(
             baseline) or ``"pyscnn"`` (pyscnn's R-FISTA through an adapter; needs
             ``group="gate_output"`` and ``pip install pyscnn==0.0.10``; its ``seconds`` count
             pyscnn's optimisation only, not the data conversion).
-        progress: optional ``callable(it, objective, kkt)`` called at every checked iteration.
+        progress: optional ``callable(it, objective, kkt)`` called at every checked iteration
+            (fista, adam: returning ``True`` ends the solve there, with ``converged=False`` unless
+            the tolerance is met; e.g. a benchmark that stops once a target objective is reached).
         checkpoint: (fista only) save the solver state to ``checkpoint.folder`` every
             ``checkpoint.every`` iterations and at the end, and resume from a state found there
             (``V0`` is then ignored); see :mod:`~convexedge.host.solvers.checkpoint`.

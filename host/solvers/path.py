@@ -94,7 +94,7 @@ def _solve_screened(
     config,
     V0: torch.Tensor | None,
     method: str,
-    progress: Callable[[int, float, float], None] | None,
+    progress: Callable[[int, float, float], bool | None] | None,
     checkpoint: SolverCheckpoint | None = None,
 ) -> tuple[SolveResult, dict, torch.Tensor]:
     """Solve on the gates ``keep``, then add KKT violators among the others until there are none.
@@ -146,7 +146,7 @@ def solve_path(
     method: Literal["fista", "adam"] = "fista",
     screen: Screen = "strong",
     V0: torch.Tensor | None = None,
-    progress: Callable[[int, float, float], None] | None = None,
+    progress: Callable[[int, float, float], bool | None] | None = None,
     checkpoint: SolverCheckpoint | None = None,
 ) -> list[SolveResult]:
     """Solve ``min_V 1/(2n) ||A(V) - Y||^2 + lam sum_g ||V_g||`` for each ``lam`` of a decreasing path.
