@@ -639,7 +639,27 @@ def summarise_all(rows: list[dict]) -> dict:
                 out[key + suffix] = ratio
                 out[key + suffix + "_at"] = where
                 out[key + suffix + "_is_lower_bound"] = bound
+    out.update(_active_vs_pyscnn(rows))
     return out
+
+
+def _active_vs_pyscnn(rows: list[dict]) -> dict:
+    """The protocol's "never more active neurons than pyscnn at equal objective": in every
+    single-lam cell, each pyscnn row whose final objective is not below ours is compared with our
+    final active-neuron count (a pyscnn answer with a lower objective is not at equal objective)."""
+    compared, worse = 0, []
+    for ours in (r for r in rows if r["contender"] == "fista" and r["lam"] != "path"):
+        for r in rows:
+            if (r["problem"], r["lam"]) != (ours["problem"], ours["lam"]) or not r["contender"].startswith(
+                "pyscnn"
+            ):
+                continue
+            if "error" in r or r.get("objective") is None or r["objective"] < ours["objective"]:
+                continue
+            compared += 1
+            if ours["active_neurons"] > r["active_neurons"]:
+                worse.append(f"{ours['problem']} lam={ours['lam']} vs {r['contender']}")
+    return {"active_vs_pyscnn_compared": compared, "more_active_than_pyscnn_at": worse}
 
 
 def _worst_ratio(rows: list[dict], prefix: str) -> tuple[float, str, bool] | None:

@@ -1,0 +1,59 @@
+"""The solver benchmark's bookkeeping (no solves): time-to-tolerance, the summary's worst ratio and
+its lower-bound flag, and the active-neuron comparison with pyscnn."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.solvers import reach, summarise_all
+
+
+def row(problem, lam, contender, t4, seconds=None, objective=1.0, active=8):
+    return {
+        "problem": problem, "lam": lam, "contender": contender, "t_1e-04": t4,
+        "seconds": seconds if seconds is not None else (t4 or 0.0),
+        "objective": objective, "active_neurons": active,
+    }  # fmt: skip
+
+
+def test_reach_reads_the_first_crossing():
+    hist = {
+        "objective": [2.0, 1.01, 1.0005, 1.00005],
+        "seconds": [0.0, 1.0, 2.0, 3.0],
+        "iteration": [0, 1, 2, 3],
+    }
+    got = reach(hist, 1.0)
+    assert got[1e-2] == (2.0, 2) and got[1e-3] == (2.0, 2) and got[1e-4] == (3.0, 3)
+    assert reach({**hist, "objective": [2.0] * 4}, 1.0)[1e-4] == (None, None)
+
+
+def test_summary_takes_the_smallest_ratio_and_flags_lower_bounds():
+    rows = [
+        row("synthetic", 0.1, "fista", 2.0),
+        row("synthetic", 0.1, "pyscnn_tight", 20.0),
+        row("synthetic", 0.1, "adam_best", 4.0),
+        row("synthetic", 0.1, "adam_lr0.01", 3.0),  # the fastest Adam run of the cell counts
+        row("patches", 0.01, "fista", 10.0),
+        row("patches", 0.01, "pyscnn_tight", None, seconds=80.0),  # never reached: >= 8x
+        row("patches", 0.01, "adam_best", 50.0),
+        row("small", 0.1, "fista", 1.0),
+        row("small", 0.1, "pyscnn_tight", 1.5),
+    ]
+    s = summarise_all(rows)
+    assert s["speedup_vs_pyscnn_min"] == pytest.approx(8.0) and s["speedup_vs_pyscnn_min_is_lower_bound"]
+    assert s["speedup_vs_pyscnn_min_at"] == "patches lam=0.01"
+    assert s["speedup_vs_adam_min"] == pytest.approx(1.5) and not s["speedup_vs_adam_min_is_lower_bound"]
+    assert s["speedup_vs_pyscnn_min_incl_small"] == pytest.approx(1.5)
+
+
+def test_active_neurons_compared_only_at_equal_or_worse_pyscnn_objective():
+    rows = [
+        row("synthetic", 0.1, "fista", 2.0, objective=1.0, active=10),
+        row("synthetic", 0.1, "pyscnn", 9.0, objective=1.2, active=12),  # compared: fine
+        row("synthetic", 0.1, "pyscnn_tight", 20.0, objective=0.99, active=6),  # lower objective: skipped
+        row("patches", 0.1, "fista", 2.0, objective=1.0, active=10),
+        row("patches", 0.1, "pyscnn_tight", 30.0, objective=1.0, active=9),  # equal objective, fewer
+    ]
+    s = summarise_all(rows)
+    assert s["active_vs_pyscnn_compared"] == 2
+    assert s["more_active_than_pyscnn_at"] == ["patches lam=0.1 vs pyscnn_tight"]
