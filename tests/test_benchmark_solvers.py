@@ -57,3 +57,21 @@ def test_active_neurons_compared_only_at_equal_or_worse_pyscnn_objective():
     s = summarise_all(rows)
     assert s["active_vs_pyscnn_compared"] == 2
     assert s["more_active_than_pyscnn_at"] == ["patches lam=0.1 vs pyscnn_tight"]
+
+
+def test_profile_timers_are_exclusive_and_restored():
+    import numpy as np
+
+    from benchmarks.solver_profile import profile_one
+    from convexedge.host.solvers import fista as fista_mod
+
+    rng = np.random.default_rng(0)
+    Z = rng.standard_normal((300, 6)).astype(np.float32)
+    arrays = (Z, rng.standard_normal((300, 2)).astype(np.float32), Z @ rng.standard_normal((6, 4)) >= 0)
+    before = fista_mod._Direct.image
+    for method, lr in (("fista", None), ("adam", 1e-2)):
+        r = profile_one(arrays, 0.01, method, 30, lr)
+        assert r["iterations"] == 30 and r["calls"]["image"] >= 30 and r["calls"]["check"] >= 30
+        parts = sum(v for k, v in r["seconds"].items() if k != "other")
+        assert 0 < parts <= r["total_seconds"] and r["seconds"]["other"] >= 0
+    assert fista_mod._Direct.image is before
