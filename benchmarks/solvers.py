@@ -60,6 +60,7 @@ TOLS = (1e-2, 1e-3, 1e-4)
 LAM_RATIOS = (0.1, 0.01, 0.001)
 ADAM_LRS = (1e-3, 3e-3, 1e-2)
 ADAM_STOP = 0.5e-4  # a single-lam Adam run ends at this suboptimality w.r.t. the float64 reference
+FISTA_MAX_SECONDS = 1800.0  # ours stops here if KKT 1e-6 is out of float32 reach (block metric, see #4)
 PATH_TOL = 1e-5  # our relative-KKT stop on the path (1e-6 at a single lam, timed from its history)
 
 
@@ -214,7 +215,15 @@ def run_lam(arrays, device: str, lam: float, repeats: int, b: Budgets, ref_prob:
     """
     runs: dict[str, list[dict]] = {"fista": []}
     for _ in range(repeats):
-        runs["fista"].append(run_one(arrays, device, lam, FistaConfig(tol=1e-6, max_iter=10**6), "fista"))
+        runs["fista"].append(
+            run_one(
+                arrays,
+                device,
+                lam,
+                FistaConfig(tol=1e-6, max_iter=10**6, max_seconds=FISTA_MAX_SECONDS),
+                "fista",
+            )
+        )
     ref = reference(ref_prob, lam, runs, b)
     t4s = [reach(r["history"], ref["f_star"])[1e-4][0] for r in runs["fista"] if "error" not in r]
     t4s = [t for t in t4s if t is not None]
