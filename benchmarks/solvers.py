@@ -215,15 +215,8 @@ def run_lam(arrays, device: str, lam: float, repeats: int, b: Budgets, ref_prob:
     """
     runs: dict[str, list[dict]] = {"fista": []}
     for _ in range(repeats):
-        runs["fista"].append(
-            run_one(
-                arrays,
-                device,
-                lam,
-                FistaConfig(tol=1e-6, max_iter=10**6, max_seconds=FISTA_MAX_SECONDS),
-                "fista",
-            )
-        )
+        cfg = FistaConfig(tol=1e-6, max_iter=10**6, max_seconds=FISTA_MAX_SECONDS)
+        runs["fista"].append(run_one(arrays, device, lam, cfg, "fista"))
     ref = reference(ref_prob, lam, runs, b)
     t4s = [reach(r["history"], ref["f_star"])[1e-4][0] for r in runs["fista"] if "error" not in r]
     t4s = [t for t in t4s if t is not None]
@@ -658,12 +651,10 @@ def _active_vs_pyscnn(rows: list[dict]) -> dict:
     final active-neuron count (a pyscnn answer with a lower objective is not at equal objective)."""
     compared, worse = 0, []
     for ours in (r for r in rows if r["contender"] == "fista" and r["lam"] != "path"):
+        cell = (ours["problem"], ours["lam"])
         for r in rows:
-            if (r["problem"], r["lam"]) != (ours["problem"], ours["lam"]) or not r["contender"].startswith(
-                "pyscnn"
-            ):
-                continue
-            if "error" in r or r.get("objective") is None or r["objective"] < ours["objective"]:
+            same = (r["problem"], r["lam"]) == cell and r["contender"].startswith("pyscnn")
+            if not same or "error" in r or r.get("objective") is None or r["objective"] < ours["objective"]:
                 continue
             compared += 1
             if ours["active_neurons"] > r["active_neurons"]:
