@@ -467,6 +467,31 @@ def fista_init(
     )  # fmt: skip
 
 
+def _metric_prox_step(
+    metric: BlockMetric,
+    y: torch.Tensor,
+    y_rot: torch.Tensor,
+    g_rot: torch.Tensor,
+    step: float,
+    lam: float,
+    group: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prox point ``z`` of a block-metric step from ``y``, and ``d_rot = Q^T (z - y)``.
+
+    ``z`` is formed as ``y + Q d_rot`` (``d_rot`` taken in float64), not as ``Q z_rot``: the
+    rotations' float32 rounding is then relative to the step, not to ``||y||``. Rebuilding
+    ``z = Q z_rot`` added an error of about ``eps ||y||`` to every step, independent of its
+    length, which stalled the KKT residual near 1e-6 on real activations. Groups the prox zeroes
+    stay exactly zero.
+    """
+    y64 = y_rot.to(torch.float64)
+    z_rot = prox_in_metric(y64 - step * g_rot.to(torch.float64), metric.w / step, lam, group)
+    d_rot = (z_rot - y64).to(y.dtype)
+    z = y + metric.unrotate(d_rot)
+    zero = _broadcast_groups(group_norms(z_rot, group) == 0, group)
+    return torch.where(zero, 0.0, z), d_rot
+
+
 def fista_step(problem: GatedProblem, lam: float, config: FistaConfig, state: FistaState) -> FistaState:
     """One accepted FISTA iteration: line search, prox step, restart test, momentum.
 
@@ -503,9 +528,8 @@ def fista_step(problem: GatedProblem, lam: float, config: FistaConfig, state: Fi
             z = prox_group(y - step * grad_y, step * lam, problem.group)
             dz = torch.linalg.vector_norm(z - y, dtype=torch.float64).square()
         else:
-            z_rot = prox_in_metric(y_rot - step * g_rot, metric.w / step, lam, problem.group)
-            z = metric.unrotate(z_rot)
-            dz = torch.sum(w * (z_rot - y_rot).square(), dtype=torch.float64)
+            z, d_rot = _metric_prox_step(metric, y, y_rot, g_rot, step, lam, problem.group)
+            dz = torch.sum(w * d_rot.square(), dtype=torch.float64)
         pred_z = op.image(z)
         # Beck & Teboulle's test f(z) <= f(y) + <grad f(y), z - y> + ||z - y||^2 / (2 step) is, for
         # our quadratic f, exactly ||A(z - y)||^2 / (2n) <= ||z - y||^2 / (2 step). Departure: we
@@ -533,7 +557,8 @@ def fista_step(problem: GatedProblem, lam: float, config: FistaConfig, state: Fi
         if metric is None:
             restart = bool(torch.sum((y - z) * (z - x), dtype=torch.float64) > 0)
         else:
-            inner = torch.sum(w * (y_rot - z_rot) * (z_rot - metric.rotate(x)), dtype=torch.float64)
+            # z_rot - Q^T x = d_rot + Q^T (y - x), in differences for the same reason as the step.
+            inner = torch.sum(-w * d_rot * (d_rot + metric.rotate(y - x)), dtype=torch.float64)
             restart = bool(inner > 0)
     elif config.restart == "function":
         restart = fz > state.fx
