@@ -47,7 +47,7 @@ import statistics
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -342,6 +342,13 @@ def main() -> None:
         help="do not run the ReLU-net row after the 0.001 cell (with --merge the earlier row is kept)",
     )
     ap.add_argument(
+        "--pyscnn-factor",
+        type=float,
+        default=None,
+        help="pyscnn's cap as a multiple of our time to 1e-4 (default 10; a cap of F that pyscnn "
+        "does not beat makes its row a '>= F' lower bound, each row records its cap)",
+    )
+    ap.add_argument(
         "--resummarise", action="store_true", help="only recompute the summary and table of the JSON"
     )
     args = ap.parse_args()
@@ -366,6 +373,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     repeats = args.repeats or (1 if args.quick else 3)
     b = QUICK if args.quick else FULL
+    if args.pyscnn_factor is not None:
+        if not args.pyscnn_factor > 1:
+            raise SystemExit(f"--pyscnn-factor must be > 1, got {args.pyscnn_factor}")
+        b = replace(b, pyscnn_factor=args.pyscnn_factor)
     path_points = 4 if args.quick else 20
     meta = environment()
     meta.update(
