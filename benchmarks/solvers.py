@@ -60,7 +60,7 @@ TOLS = (1e-2, 1e-3, 1e-4)
 LAM_RATIOS = (0.1, 0.01, 0.001)
 ADAM_LRS = (1e-3, 3e-3, 1e-2)
 ADAM_STOP = 0.5e-4  # a single-lam Adam run ends at this suboptimality w.r.t. the float64 reference
-FISTA_MAX_SECONDS = 1800.0  # ours stops here if KKT 1e-6 is out of float32 reach (block metric, see #4)
+FISTA_MAX_SECONDS = 1800.0  # a safety cap on our single-lam run to KKT 1e-6 (t to 1e-4 comes from history)
 PATH_TOL = 1e-5  # our relative-KKT stop on the path (1e-6 at a single lam, timed from its history)
 
 
