@@ -76,6 +76,7 @@ from convexedge.host.solvers.metric import BlockMetric, prox_in_metric
 from convexedge.host.solvers.problem import (
     GatedProblem,
     GramData,
+    Group,
     _broadcast_groups,
     group_norms,
     prox_group,
@@ -474,9 +475,12 @@ def _metric_prox_step(
     g_rot: torch.Tensor,
     step: float,
     lam: float,
-    group: str,
+    group: Group,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The prox point ``z`` of a block-metric step from ``y``, and ``d_rot = Q^T (z - y)``.
+
+    ``y_rot = Q^T y`` and ``g_rot = diag(w)^-1 Q^T grad f(y)``, both float64 (converted once per
+    iteration by the caller, not once per line-search trial).
 
     ``z`` is formed as ``y + Q d_rot`` (``d_rot`` taken in float64), not as ``Q z_rot``: the
     rotations' float32 rounding is then relative to the step, not to ``||y||``. Rebuilding
@@ -484,9 +488,8 @@ def _metric_prox_step(
     length, which stalled the KKT residual near 1e-6 on real activations. Groups the prox zeroes
     stay exactly zero.
     """
-    y64 = y_rot.to(torch.float64)
-    z_rot = prox_in_metric(y64 - step * g_rot.to(torch.float64), metric.w / step, lam, group)
-    d_rot = (z_rot - y64).to(y.dtype)
+    z_rot = prox_in_metric(y_rot - step * g_rot, metric.w / step, lam, group)
+    d_rot = (z_rot - y_rot).to(y.dtype)
     z = y + metric.unrotate(d_rot)
     zero = _broadcast_groups(group_norms(z_rot, group) == 0, group)
     return torch.where(zero, 0.0, z), d_rot
@@ -518,7 +521,8 @@ def fista_step(problem: GatedProblem, lam: float, config: FistaConfig, state: Fi
     metric = _metric(problem, config)
     if metric is not None:
         w = metric.weights(y.dtype)
-        y_rot, g_rot = metric.rotate(y), metric.rotate(grad_y) / w
+        y_rot = metric.rotate(y).to(torch.float64)
+        g_rot = (metric.rotate(grad_y) / w).to(torch.float64)
 
     # Departure from Beck & Teboulle (whose backtracking only shrinks): first try a longer step,
     # as in Scheinberg, Goldfarb & Bai 2014, so the step follows the local curvature both ways.
