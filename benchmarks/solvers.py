@@ -35,7 +35,12 @@ Run: ``python -m benchmarks.solvers [--quick] [--device cuda] [--problems small,
 ``solvers.png`` (``--quick``: ``solvers_quick.json`` / ``.png``). The full run takes hours on two
 cores, so it can be split: ``--lams`` picks the single-lam cells and/or the path, and ``--merge``
 keeps the rows of every (problem, lam) cell this run did not redo; the summary is recomputed over
-all rows. The non-convex row needs the 0.001 lam_max cell in the same run.
+all rows. The non-convex row needs the 0.001 lam_max cell in the same run. A long cell can also be
+split by contender over processes (``--contenders pyscnn_tight`` in one, ``--contenders
+pyscnn,adam`` in another, both with ``--merge``): each process runs ours too, and every row records
+our time from its own process (``ours_t_1e-04``), which its ratio uses. ``--pyscnn-factor`` and
+``--adam-factor`` lower the caps where the defaults do not fit (a row that does not reach 1e-4 by
+its cap is then a smaller lower bound; each row records its cap).
 """
 
 from __future__ import annotations
@@ -62,6 +67,8 @@ ADAM_LRS = (1e-3, 3e-3, 1e-2)
 ADAM_STOP = 0.5e-4  # a single-lam Adam run ends at this suboptimality w.r.t. the float64 reference
 FISTA_MAX_SECONDS = 1800.0  # a safety cap on our single-lam run to KKT 1e-6 (t to 1e-4 comes from history)
 PATH_TOL = 1e-5  # our relative-KKT stop on the path (1e-6 at a single lam, timed from its history)
+# The contenders besides ours (``--contenders``): "adam" is the lr sweep plus adam_best.
+CONTENDERS = frozenset({"pyscnn", "pyscnn_tight", "adam"})
 
 
 @dataclass(frozen=True)
@@ -206,8 +213,11 @@ def _median_seconds(reps: list[dict], floor: float) -> float:
     return max(statistics.median(ok), floor) if ok else floor
 
 
-def run_lam(arrays, device: str, lam: float, repeats: int, b: Budgets, ref_prob: GatedProblem):
-    """Every contender at one lam; returns ``(runs, caps, ref)``.
+def run_lam(
+    arrays, device: str, lam: float, repeats: int, b: Budgets, ref_prob: GatedProblem,
+    contenders: frozenset[str] = CONTENDERS,
+):  # fmt: skip
+    """Our FISTA and the ``contenders`` at one lam; returns ``(runs, caps, ref)``.
 
     Ours runs first, then the float64 reference (warm-started from our answer), so the caps of the
     slow contenders are multiples of *our measured time to 1e-4* (``t4``): a contender that has
@@ -225,11 +235,15 @@ def run_lam(arrays, device: str, lam: float, repeats: int, b: Budgets, ref_prob:
     if scnn_available():
         cap = b.pyscnn_factor * t_ours
         for cname, tol in (("pyscnn", 1e-6), ("pyscnn_tight", 0.0)):
+            if cname not in contenders:
+                continue
             cfg = PyscnnConfig(tol=tol, max_iter=b.pyscnn_max_iter, max_seconds=cap)
             runs[cname] = [run_one(arrays, device, lam, cfg, "pyscnn") for _ in range(repeats)]
             caps[cname] = {"max_seconds": cap, "max_iter": b.pyscnn_max_iter, "tol": tol}
     # Adam stops once it is safely past 1e-4 of the reference (ADAM_STOP), which only saves
     # benchmark time: its time to 1e-4 is read from its history as before.
+    if "adam" not in contenders:
+        return runs, caps, _lower_f_star(ref, runs)
     stop_at = ref["f_star"] * (1 + ADAM_STOP)
     sweep = b.adam_sweep_factor * t_ours
     for lr in ADAM_LRS:  # the sweep: one repeat per lr
@@ -247,14 +261,18 @@ def run_lam(arrays, device: str, lam: float, repeats: int, b: Budgets, ref_prob:
     cfg = AdamConfig(lr=best_lr, tol=1e-6, max_iter=10**8, max_seconds=long)
     runs["adam_best"] = [run_one(arrays, device, lam, cfg, "adam", stop_at=stop_at)]
     caps["adam_best"] = {"max_seconds": long, "lr": best_lr, "stop_at_subopt": ADAM_STOP}
-    # F* = min(reference, the best true final objective of any contender)
+    return runs, caps, _lower_f_star(ref, runs)
+
+
+def _lower_f_star(ref: dict, runs: dict) -> dict:
+    """F* = min(reference, the best true final objective of any contender)."""
     best = min(
         ((r["objective"], cname) for cname, reps in runs.items() for r in reps if "error" not in r),
         default=(math.inf, None),
     )
     if best[0] < ref["f_star"]:
         ref.update(f_star=best[0], f_star_source=best[1])
-    return runs, caps, ref
+    return ref
 
 
 def reference(ref_prob: GatedProblem, lam: float, runs: dict, b: Budgets) -> dict:
@@ -349,6 +367,20 @@ def main() -> None:
         "does not beat makes its row a '>= F' lower bound, each row records its cap)",
     )
     ap.add_argument(
+        "--adam-factor",
+        type=float,
+        default=None,
+        help="the best proximal Adam run's cap as a multiple of our time to 1e-4 (default 25; the "
+        "lr sweep's cap is the smaller of 5 and this)",
+    )
+    ap.add_argument(
+        "--contenders",
+        default=",".join(sorted(CONTENDERS)),
+        help="comma-separated subset of the contenders run beside ours (pyscnn, pyscnn_tight, adam); "
+        "with --merge a partial run replaces only its own contenders' rows (and ours) in a cell, so "
+        "two processes can share a cell; each row keeps our time from its own run",
+    )
+    ap.add_argument(
         "--resummarise", action="store_true", help="only recompute the summary and table of the JSON"
     )
     args = ap.parse_args()
@@ -377,6 +409,15 @@ def main() -> None:
         if not args.pyscnn_factor > 1:
             raise SystemExit(f"--pyscnn-factor must be > 1, got {args.pyscnn_factor}")
         b = replace(b, pyscnn_factor=args.pyscnn_factor)
+    if args.adam_factor is not None:
+        if not args.adam_factor > 1:
+            raise SystemExit(f"--adam-factor must be > 1, got {args.adam_factor}")
+        sweep = min(b.adam_sweep_factor, args.adam_factor)
+        b = replace(b, adam_factor=args.adam_factor, adam_sweep_factor=sweep)
+    contenders = frozenset(c for c in args.contenders.split(",") if c)
+    if contenders - CONTENDERS:
+        unknown = sorted(contenders - CONTENDERS)
+        raise SystemExit(f"unknown --contenders {unknown}; choose from {sorted(CONTENDERS)}")
     path_points = 4 if args.quick else 20
     meta = environment()
     meta.update(
@@ -410,10 +451,14 @@ def main() -> None:
         last_fista = None
         for ratio in ratios:
             lam = ratio * lam_max
-            runs, caps, ref = run_lam(arrays, args.device, lam, repeats, b, ref_prob)
+            runs, caps, ref = run_lam(arrays, args.device, lam, repeats, b, ref_prob, contenders)
             check = {"cvxpy_objective": cvxpy_objective(arrays, lam)} if pname == "small" else {}
+            cell = [summarise(pname, ratio, cname, reps, ref, {**check, **caps.get(cname, {})})
+                    for cname, reps in runs.items()]  # fmt: skip
+            for r in cell[1:]:  # our time in this same run, which the summary divides by
+                r["ours_t_1e-04"] = cell[0]["t_1e-04"]
+            rows.extend(cell)
             for cname, reps in runs.items():
-                rows.append(summarise(pname, ratio, cname, reps, ref, {**check, **caps.get(cname, {})}))
                 if ratio == 0.01 and "history" in reps[0]:
                     curves.setdefault(pname, {})[cname] = curve(reps[0]["history"], ref["f_star"])
             if ratio == 0.001:
@@ -428,7 +473,9 @@ def main() -> None:
             earlier = load_previous(name) if args.merge else None
             known = rows + (earlier["rows"] if earlier else [])
             rows.extend(
-                path_rows(pname, arrays, args.device, ref_prob, lam_max, path_points, repeats, b, known)
+                path_rows(
+                    pname, arrays, args.device, ref_prob, lam_max, path_points, repeats, b, known, contenders
+                )
             )
         if last_fista is not None and "error" not in last_fista and not args.skip_nonconvex:
             fista_row = next(
@@ -444,7 +491,7 @@ def main() -> None:
     wall = time.perf_counter() - started
     old = load_previous(name) if args.merge else None  # read at the end: split runs may overlap
     if old is not None:
-        rows, meta = merge_rows(old, rows, meta, wall)
+        rows, meta = merge_rows(old, rows, meta, wall, by_contender=contenders != CONTENDERS)
         curves = {**old.get("curves", {}), **curves}
     summary = summarise_all(rows)
     summary["wall_seconds"] = wall if old is None else sum(r["wall_seconds"] for r in meta["runs"])
@@ -480,14 +527,23 @@ def load_previous(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def merge_rows(old: dict, rows: list[dict], meta: dict, wall: float) -> tuple[list[dict], dict]:
+def merge_rows(
+    old: dict, rows: list[dict], meta: dict, wall: float, by_contender: bool = False
+) -> tuple[list[dict], dict]:
     """Rows of this run, plus the old rows of every (problem, lam) cell this run did not redo.
 
-    ``meta["runs"]`` lists each contributing run (command, commit, cells, wall seconds) so a merged
-    file says where every cell came from; ``meta["problems"]`` is the union.
+    ``by_contender`` (a run of some contenders only): an old row is replaced only by this run's row
+    of the same (problem, lam, contender); the cell's other contenders stay, each with our time
+    from the run that measured it (``ours_t_1e-04``). ``meta["runs"]`` lists each contributing run
+    (command, commit, cells, wall seconds) so a merged file says where every cell came from;
+    ``meta["problems"]`` is the union.
     """
     redone = {(r["problem"], str(r["lam"])) for r in rows}
-    kept = [r for r in old["rows"] if (r["problem"], str(r["lam"])) not in redone]
+    if by_contender:
+        mine = {(r["problem"], str(r["lam"]), r["contender"]) for r in rows}
+        kept = [r for r in old["rows"] if (r["problem"], str(r["lam"]), r["contender"]) not in mine]
+    else:
+        kept = [r for r in old["rows"] if (r["problem"], str(r["lam"])) not in redone]
     this_run = {
         "command": meta.get("command"),
         "git_commit": meta.get("git_commit"),
@@ -555,9 +611,13 @@ def summarise(pname, ratio, cname, reps, ref, extra) -> dict:
     return row
 
 
-def path_rows(pname, arrays, device, ref_prob, lam_max, points, repeats, b: Budgets, rows) -> list[dict]:
-    """The warm-started path: ours (solve_path with screening), pyscnn (its own warm-started loop),
-    proximal Adam (solve_path, the lr the single-lam sweep chose most often)."""
+def path_rows(
+    pname, arrays, device, ref_prob, lam_max, points, repeats, b: Budgets, rows,
+    contenders: frozenset[str] = CONTENDERS,
+) -> list[dict]:  # fmt: skip
+    """The warm-started path: ours (solve_path with screening), and of the ``contenders``: pyscnn
+    (its own warm-started loop), proximal Adam (solve_path, the lr the single-lam sweep chose most
+    often)."""
     lams = list(lam_max * np.geomspace(0.5, 0.001, points))
     runs: dict[str, list[tuple[float, list[float]]]] = {}
     caps: dict[str, dict] = {}
@@ -580,6 +640,8 @@ def path_rows(pname, arrays, device, ref_prob, lam_max, points, repeats, b: Budg
         per_lam = max(b.min_seconds, b.pyscnn_factor * t_ours) / points
         # timed to its own stop, so the tightened variant keeps a tol (0 would spend every cap)
         for cname, tol in (("pyscnn", 1e-6), ("pyscnn_tight", 1e-10)):
+            if cname not in contenders:
+                continue
             cfg = PyscnnConfig(tol=tol, max_iter=b.pyscnn_max_iter, max_seconds=per_lam)
             caps[cname] = {"max_seconds_per_lam": per_lam, "tol": tol}
             for _ in range(repeats):
@@ -591,14 +653,15 @@ def path_rows(pname, arrays, device, ref_prob, lam_max, points, repeats, b: Budg
                         V = res[-1].V
                 secs = sum(float(r.history["seconds"][-1]) if r.history["seconds"] else 0.0 for r in res)
                 runs.setdefault(cname, []).append((secs, [r.objective for r in res]))
-    chosen = [r["lr"] for r in rows if r["problem"] == pname and r.get("contender") == "adam_best"]
-    lr = statistics.mode(chosen) if chosen else 1e-2
-    per_lam = max(b.min_seconds, b.adam_factor * t_ours) / points
-    caps["adam_best"] = {"max_seconds_per_lam": per_lam, "lr": lr}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        secs, res = ours(AdamConfig(lr=lr, tol=1e-6, max_iter=10**8, max_seconds=per_lam), "adam")
-    runs["adam_best"] = [(secs, [r.objective for r in res])]
+    if "adam" in contenders:
+        chosen = [r["lr"] for r in rows if r["problem"] == pname and r.get("contender") == "adam_best"]
+        lr = statistics.mode(chosen) if chosen else 1e-2
+        per_lam = max(b.min_seconds, b.adam_factor * t_ours) / points
+        caps["adam_best"] = {"max_seconds_per_lam": per_lam, "lr": lr}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            secs, res = ours(AdamConfig(lr=lr, tol=1e-6, max_iter=10**8, max_seconds=per_lam), "adam")
+        runs["adam_best"] = [(secs, [r.objective for r in res])]
     # F*_k: float64 reference warm-started from our path, or the best objective anyone reached
     cfg = FistaConfig(tol=b.ref_tol, max_iter=10**8, max_seconds=b.ref_max_seconds / points)
     refs = []
@@ -627,6 +690,8 @@ def path_rows(pname, arrays, device, ref_prob, lam_max, points, repeats, b: Budg
                 **caps.get(cname, {}),
             }
         )
+        if cname != "fista":  # our time in this same run, which the summary divides by
+            out[-1]["ours_t_1e-04"] = out[0]["t_1e-04"]
         print(f"{pname} path: {cname} {statistics.median(secs):.2f}s worst subopt {subopt:.1e}", flush=True)
     return out
 
@@ -682,11 +747,13 @@ def _worst_ratio(rows: list[dict], prefix: str) -> tuple[float, str, bool] | Non
         others = [r for r in group if r["contender"].startswith(prefix) and "error" not in r]
         if ours is None or ours.get("t_1e-04") is None or not others:
             continue
-        reached = [r["t_1e-04"] for r in others if r.get("t_1e-04") is not None]
+        # each row against our time from its own run (a cell may merge partial runs)
+        base = {id(r): r.get("ours_t_1e-04") or ours["t_1e-04"] for r in others}
+        reached = [r["t_1e-04"] / base[id(r)] for r in others if r.get("t_1e-04") is not None]
         if reached:
-            ratios.append((min(reached) / ours["t_1e-04"], pname, lam))
+            ratios.append((min(reached), pname, lam))
         else:
-            bounds.append((max(r["seconds"] for r in others) / ours["t_1e-04"], pname, lam))
+            bounds.append((max(r["seconds"] / base[id(r)] for r in others), pname, lam))
     if not ratios + bounds:
         return None
     worst = min(ratios + bounds, key=lambda t: t[0])

