@@ -24,12 +24,13 @@ The prox stays exact because every group norm is invariant under a rotation of i
 whose solution is ``z = 0`` if ``||a|| <= lam`` (``a_k = w_k u~_k / s``) and otherwise
 ``z_k = a_k / (w_k / s + sigma)`` where ``sigma = lam / ||z||`` is the one root of the increasing
 scalar function ``sigma ||z(sigma)|| - lam`` (a "secular equation", as in trust-region subproblems),
-solved in float64 by safeguarded Newton on the equivalent ``phi(sigma) = 1 / ||z(sigma)|| - sigma / lam``.
+solved in float64 by safeguarded Newton on the equivalent
+``phi(sigma) = 1 / ||z(sigma)|| - sigma / lam``.
 As in Moré & Sorensen ("Computing a trust region step", SIAM J. Sci. Stat. Comput. 1983), the
 reciprocal norm is concave and close to linear in ``sigma`` (exactly linear when all ``w_k`` are
 equal), so Newton started from the upper bracket end converges from the right, in about 5
-iterations on real activations where Newton on ``sigma ||z|| - lam`` took about 9. For the ``gate`` form (one group per ``V_i``, ``d x c``)
-the same holds with ``u~_k`` a row of ``c`` values.
+iterations on real activations where Newton on ``sigma ||z|| - lam`` took about 9.
+For the ``gate`` form (one group per ``V_i``, ``d x c``) the same holds with ``u~_k`` a row of ``c`` values.
 
 Eigenvalues are floored at ``floor * max_k w_k`` (a gate that sees few rows, or collinear features,
 would otherwise give a singular metric); the floor changes the metric, never the objective.
