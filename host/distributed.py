@@ -7,6 +7,8 @@ process group (gloo on CPU, nccl on GPUs), started by ``torchrun`` (which sets `
 * :class:`Comm` is a rank's handle on the group; it is the reduction hook of a data-parallel
   :class:`~convexedge.host.solvers.GatedProblem` (``comm=``), so the convex solvers run unchanged
   on every rank. :meth:`Comm.single` is world size 1 (no process group), the default everywhere.
+  A group that :func:`init_from_env` opens is destroyed at interpreter exit (gloo can abort the
+  process otherwise); :func:`launch` destroys its ranks' groups itself.
 * :func:`shard_range` splits ``n`` sample indices into contiguous, disjoint, near-equal blocks
   (like ``DistributedSampler`` without shuffling and without the padding that would count samples
   twice): concatenating the ranks' blocks in rank order gives ``0..n-1``.
@@ -23,6 +25,7 @@ Example (two local gloo ranks)::
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import tempfile
@@ -143,7 +146,19 @@ def init_from_env(backend: str = "auto", device: str = "cpu") -> Comm:
         raise ValueError(f"backend must be 'gloo', 'nccl' or 'auto', got {backend!r}")
     if not dist.is_initialized():
         dist.init_process_group(backend, init_method="env://")
+        # A process that exits with its gloo group alive can abort (SIGABRT, "terminate called
+        # without an active exception") when interpreter teardown meets gloo's worker threads;
+        # so the group we opened is destroyed at exit, while the interpreter is still whole.
+        atexit.register(_destroy_group)
     return Comm.from_process_group()
+
+
+def _destroy_group() -> None:
+    """Destroy the default process group if it is still alive (the exit hook of init_from_env)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _entry(rank: int, fn: Callable, nproc: int, store: str, args: tuple) -> None:

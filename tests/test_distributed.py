@@ -292,3 +292,28 @@ def test_init_from_env_errors(monkeypatch):
         init_from_env()
     with pytest.raises(ValueError, match="nproc must be"):
         launch(print, 0)
+
+
+def test_the_group_init_from_env_opens_is_destroyed_at_exit(monkeypatch):
+    """A rank that exits with its gloo group alive can abort in interpreter teardown (SIGABRT,
+    seen in CI); init_from_env registers an exit hook that destroys the group it opened."""
+    import torch.distributed as dist
+
+    from convexedge.host import distributed
+
+    hooks = []
+    monkeypatch.setattr(distributed.atexit, "register", hooks.append)
+    env = {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert not dist.is_initialized()
+    try:
+        comm = init_from_env("gloo")
+        assert (comm.rank, comm.world_size) == (0, 1) and dist.is_initialized()
+        assert hooks == [distributed._destroy_group]
+        hooks[0]()
+        assert not dist.is_initialized()
+        hooks[0]()  # a second call (the user already destroyed it) is a no-op
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
