@@ -7,6 +7,8 @@ import os
 import platform
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -17,7 +19,7 @@ def environment() -> dict:
     import numpy as np
 
     env = {
-        "command": " ".join([Path(sys.executable).name, "-m", *sys.argv]),
+        "command": command_line(),
         "python": platform.python_version(),
         "numpy": np.__version__,
         "machine": platform.machine(),
@@ -45,6 +47,23 @@ def environment() -> dict:
     return env
 
 
+def command_line(argv: list[str] | None = None) -> str:
+    """The command that reproduces this run, e.g. ``python -m benchmarks.solvers --quick``.
+
+    Under ``python -m`` Python puts the module's file path in ``argv[0]``; a file inside this
+    repository is written back as its dotted module name (run from the repository root).
+    """
+    argv = list(sys.argv if argv is None else argv) or ["?"]
+    head = Path(argv[0])
+    try:
+        rel = head.resolve().relative_to(RESULTS.parent.parent)
+    except (OSError, ValueError):
+        return " ".join(["python", *argv])
+    if rel.suffix != ".py":
+        return " ".join(["python", *argv])
+    return " ".join(["python", "-m", ".".join(rel.with_suffix("").parts), *argv[1:]])
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -56,10 +75,31 @@ def _cpu_model() -> str:
 
 
 def write_json(name: str, payload: dict) -> Path:
+    """Write ``RESULTS/NAME.json`` atomically (a reader never sees a half-written file)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(payload, indent=1, default=float))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=float))
+    os.replace(tmp, path)
     return path
+
+
+@contextmanager
+def results_lock(name: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``RESULTS/NAME.json`` (split runs merging into one file take it
+    around their read-merge-write, so two ending at once cannot drop each other's rows)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS / f".{name}.json.lock", "w") as handle:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock (split runs there must not end together)
+            yield
+            return
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:

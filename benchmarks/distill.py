@@ -47,13 +47,14 @@ from __future__ import annotations
 
 import argparse
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from benchmarks._common import RESULTS, environment, table, write_json
+from benchmarks._common import RESULTS, environment, results_lock, table, write_json
 from convexedge.host.baselines import (
     BMConvStudent,
     PrunedSpan,
@@ -627,6 +628,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{args.model} span {'+'.join(sp)}, {k} images per class", flush=True)
             rows.extend(run_cell(args, teacher, sp, k, train, tests, transform, base))
 
+    held = ExitStack()  # --merge runs may overlap: read, merge and write under one lock
+    held.enter_context(results_lock(args.out))
     path = RESULTS / f"{args.out}.json"
     old_meta = {}
     if args.merge and path.exists():
@@ -699,6 +702,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in by_model.get(args.model, {}).items()})
     path = write_json(args.out, payload)
+    held.close()
     _plot(rows, RESULTS / f"{args.out}.png", f"{len(jpeg):,} JPEG test images")
     print(f"wrote {path} and {RESULTS / (args.out + '.png')}")
     return payload

@@ -57,7 +57,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import torch
 
-from benchmarks._common import RESULTS, environment, table, write_json
+from benchmarks._common import RESULTS, environment, results_lock, table, write_json
 from convexedge.host.solvers import AdamConfig, FistaConfig, GatedProblem, PyscnnConfig, solve, solve_path
 from convexedge.host.solvers.scnn_adapter import scnn_available
 
@@ -489,14 +489,15 @@ def main() -> None:
     for r in rows:
         r.pop("V", None)
     wall = time.perf_counter() - started
-    old = load_previous(name) if args.merge else None  # read at the end: split runs may overlap
-    if old is not None:
-        rows, meta = merge_rows(old, rows, meta, wall, by_contender=contenders != CONTENDERS)
-        curves = {**old.get("curves", {}), **curves}
-    summary = summarise_all(rows)
-    summary["wall_seconds"] = wall if old is None else sum(r["wall_seconds"] for r in meta["runs"])
-    payload = {"meta": meta, "rows": rows, "summary": summary, "curves": curves}
-    path = write_json(name, payload)
+    with results_lock(name):  # split runs may overlap: read, merge and write under one lock
+        old = load_previous(name) if args.merge else None
+        if old is not None:
+            rows, meta = merge_rows(old, rows, meta, wall, by_contender=contenders != CONTENDERS)
+            curves = {**old.get("curves", {}), **curves}
+        summary = summarise_all(rows)
+        summary["wall_seconds"] = wall if old is None else sum(r["wall_seconds"] for r in meta["runs"])
+        payload = {"meta": meta, "rows": rows, "summary": summary, "curves": curves}
+        path = write_json(name, payload)
     png = plot(curves, name)
     print_table(rows, summary)
     print(f"wrote {path} and {png}")
