@@ -162,21 +162,16 @@ def _solve_adam(
     state = adam_init(problem, lam, config, V0)
     history: dict[str, list[float]] = {k: [] for k in ("iteration", "objective", "kkt", "step", "seconds")}
 
-    asked = False
-
-    def check(s: AdamState) -> float:
-        nonlocal asked
+    def check(s: AdamState) -> tuple[float, float]:
         kkt = kkt_residual(problem, s.x, lam, grad=s.grad_x)
         fx = op.smooth(s.x, s.pred_x) + lam * float(problem.penalty(s.x))
         for key, val in zip(history, (s.it, fx, kkt, config.lr, time.perf_counter() - start), strict=True):
             history[key].append(float(val))
-        if progress is not None:
-            asked = progress(s.it, fx, kkt) is True
-        return kkt
+        return kkt, fx
 
     state, kkt, converged, knob = _run_until_converged(
         state, lambda s: adam_step(problem, lam, config, s), check, config, start,
-        stop=None if progress is None else (lambda: asked),
+        agree=problem._agree, progress=progress,
     )  # fmt: skip
     if not converged:
         warnings.warn(

@@ -630,32 +630,36 @@ def _dtype_name(problem: GatedProblem) -> str:
     return str(problem.Z.dtype).removeprefix("torch.")
 
 
-def _run_until_converged(state, step, check, config, start: float, agree=bool, stop=None):
-    """Drive ``state = step(state)`` until ``check(state) <= config.tol`` or a cap is hit.
+def _run_until_converged(state, step, check, config, start: float, agree=bool, progress=None):
+    """Drive ``state = step(state)`` until the relative KKT residual is ``<= config.tol`` or a cap
+    is hit.
 
-    Shared by the FISTA and proximal-Adam drivers. ``check`` is evaluated every
-    ``config.check_every`` iterations, at ``max_iter`` and when ``max_seconds`` runs out.
-    ``agree`` makes the wall-clock test identical on every rank of a data-parallel solve
-    (``GatedProblem._agree``); it is only called when ``max_seconds`` or ``stop`` is set.
-    ``stop`` (optional, no arguments) is asked after every check whether the caller wants the
-    solve to end there (the ``progress`` callback returned True).
+    Shared by the FISTA and proximal-Adam drivers. ``check(state) -> (kkt, objective)`` is
+    evaluated every ``config.check_every`` iterations, at ``max_iter`` and when ``max_seconds``
+    runs out; after each check ``progress(iteration, objective, kkt)`` (optional) is called, and
+    returning True ends the solve there. ``agree`` makes the wall-clock and stop decisions
+    identical on every rank of a data-parallel solve (``GatedProblem._agree``); it is only called
+    when ``max_seconds`` or ``progress`` is set.
 
     Returns:
         ``(state, kkt, converged, knob)``: ``knob`` names the cap that stopped an unconverged run
         and how to lift it (for the ``ConvergenceWarning``), or ``None`` when converged.
     """
-    kkt = check(state)
+
+    def evaluate(s) -> tuple[float, bool]:
+        kkt, fx = check(s)
+        return kkt, progress is not None and agree(progress(s.it, fx, kkt) is True)
+
+    kkt, asked = evaluate(state)
     converged = kkt <= config.tol
     timed_out = False
-    asked = stop is not None and agree(stop())
     while not converged and not asked and state.it < config.max_iter:
         state = step(state)
         elapsed = time.perf_counter() - start
         timed_out = config.max_seconds is not None and agree(elapsed >= config.max_seconds)
         if state.it % config.check_every == 0 or state.it == config.max_iter or timed_out:
-            kkt = check(state)
+            kkt, asked = evaluate(state)
             converged = kkt <= config.tol
-            asked = stop is not None and agree(stop())
         if timed_out and not converged:
             break
     if converged:
@@ -743,24 +747,21 @@ def _solve_fista(
     else:
         state = fista_init(problem, lam, config, V0)
     saved_it = state.it
-    asked = False
 
-    def check(s: FistaState) -> float:
-        nonlocal saved_it, asked
+    def check(s: FistaState) -> tuple[float, float]:
+        nonlocal saved_it
         kkt = kkt_residual(problem, s.x, lam, grad=s.grad_x)
         elapsed = time.perf_counter() - start
         for key, val in zip(history, (s.it, s.fx, kkt, s.step, elapsed), strict=True):
             history[key].append(float(val))
-        if progress is not None:
-            asked = progress(s.it, s.fx, kkt) is True
         if checkpoint is not None and s.it >= saved_it + checkpoint.every:
             _save_state(ck_path, problem, header, s, history, elapsed)
             saved_it = s.it
-        return kkt
+        return kkt, s.fx
 
     state, kkt, converged, knob = _run_until_converged(
         state, lambda s: fista_step(problem, lam, config, s), check, config, start,
-        agree=problem._agree, stop=None if progress is None else (lambda: asked),
+        agree=problem._agree, progress=progress,
     )  # fmt: skip
     if checkpoint is not None and saved_it != state.it:
         _save_state(ck_path, problem, header, state, history, time.perf_counter() - start)
