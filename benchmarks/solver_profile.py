@@ -6,7 +6,7 @@ and the fastest Adam run of that cell (its lr) for exactly the iterations each n
 1e-4 there, with every solver component wrapped by a timer:
 
 * ``operator setup``: the Gram build (``GatedProblem.gram``) and the block metric (blocks and
-  eigendecompositions), once per solve;
+  eigendecompositions), once per solve (its calls count builds, not cached lookups);
 * ``image`` / ``grad`` / ``smooth`` / ``quad``: the operator's products (``image`` is the GEMM pair
   ``A^T A V`` in direct mode, ``G V`` in Gram mode) and the cheap reductions on their result;
 * ``prox``: the group soft-threshold (Euclidean) or the exact prox in the block metric;
@@ -50,18 +50,22 @@ class Timers:
         self.calls = dict.fromkeys(COMPONENTS, 0)
         self._depth = 0
 
-    def wrap(self, name: str, fn):
+    def wrap(self, name: str, fn, counts=None):
+        """``fn`` timed under ``name``; ``counts(*args)`` (optional, asked before the call) says
+        whether the call is counted (a cached lookup of a built operator is timed, not counted)."""
+
         @functools.wraps(fn)
         def timed(*args, **kwargs):
             if self._depth:
                 return fn(*args, **kwargs)
+            counted = counts is None or counts(*args)
             self._depth += 1
             t0 = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
                 self.seconds[name] += time.perf_counter() - t0
-                self.calls[name] += 1
+                self.calls[name] += counted
                 self._depth -= 1
 
         return timed
@@ -70,6 +74,10 @@ class Timers:
 @contextlib.contextmanager
 def instrumented(timers: Timers):
     """Wrap the solver's components (module functions and operator methods) for one solve."""
+    builds = {  # operator-setup calls that build rather than return the cached result
+        "gram": lambda prob, *_: not prob.has_gram,
+        "gate_blocks": lambda prob, *_: prob._blocks is None,
+    }
     targets = [
         (problem_mod.GatedProblem, "gram", "operator setup"),
         (problem_mod.GatedProblem, "gate_blocks", "operator setup"),
@@ -91,7 +99,7 @@ def instrumented(timers: Timers):
             if isinstance(raw, classmethod):
                 setattr(owner, attr, classmethod(timers.wrap(name, raw.__func__)))
             else:
-                setattr(owner, attr, timers.wrap(name, raw))
+                setattr(owner, attr, timers.wrap(name, raw, builds.get(attr)))
         yield timers
     finally:
         for owner, attr, raw in saved:

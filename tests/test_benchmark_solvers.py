@@ -77,6 +77,27 @@ def test_profile_timers_are_exclusive_and_restored():
     assert fista_mod._Direct.image is before
 
 
+def test_profile_counts_operator_builds_not_cached_lookups():
+    import warnings
+
+    import numpy as np
+
+    from benchmarks.solver_profile import Timers, instrumented
+    from benchmarks.solvers import fresh
+    from convexedge.host.solvers import FistaConfig, solve
+
+    rng = np.random.default_rng(0)
+    Z = rng.standard_normal((300, 6)).astype(np.float32)
+    arrays = (Z, rng.standard_normal((300, 2)).astype(np.float32), Z @ rng.standard_normal((6, 4)) >= 0)
+    prob, timers = fresh(arrays, "cpu"), Timers()
+    with instrumented(timers), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        solve(prob, 0.01 * prob.lam_max(), FistaConfig(operator="gram", metric="block", max_iter=30))
+        prob.gram(), prob.gram(), prob.gate_blocks()  # cached: timed, not counted
+    # one Gram build, one block extraction, one eigendecomposition
+    assert timers.calls["operator setup"] == 3
+
+
 def test_each_ratio_uses_our_time_from_its_own_run():
     rows = [
         row("patches", "path", "fista", 100.0),  # the fista row of the run that finished last
