@@ -30,7 +30,7 @@ import torch
 from benchmarks._common import environment, table, write_json
 from benchmarks.solvers import fresh, patches
 from convexedge.host.solvers import FistaConfig, fista, solve
-from convexedge.host.solvers.metric import prox_in_metric
+from convexedge.host.solvers.metric import prox_in_metric, secular_bracket
 from convexedge.host.solvers.problem import _broadcast_groups, group_norms
 
 LAMS = (0.1, 0.01, 0.001)
@@ -38,15 +38,7 @@ LAMS = (0.1, 0.01, 0.001)
 
 def prox_bisection(u: torch.Tensor, w: torch.Tensor, thresh: float, group: str) -> torch.Tensor:
     """The same prox as ``prox_in_metric``, by bisection on the same bracket and stopping rule."""
-    W = w.to(torch.float64)[:, :, None]
-    a = W * u.to(torch.float64)
-    na = group_norms(a, group)
-    active = na > thresh
-    wmin, wmax = w.min(dim=1).values, w.max(dim=1).values
-    if group == "gate_output":
-        wmin, wmax = wmin[:, None], wmax[:, None]
-    gap = torch.where(active, na - thresh, 1.0)
-    lo, hi = thresh * wmin / gap, thresh * wmax / gap
+    W, a, active, lo, hi = secular_bracket(u, w, thresh, group)
     a2 = a * a
     axes = (1, 2) if group == "gate" else (1,)
     for _ in range(200):

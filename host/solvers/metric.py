@@ -45,7 +45,7 @@ import torch
 
 from convexedge.host.solvers.problem import Group, _broadcast_groups, group_norms
 
-__all__ = ["BlockMetric", "prox_in_metric"]
+__all__ = ["BlockMetric", "prox_in_metric", "secular_bracket"]
 
 _NEWTON_ITERS = 60  # safeguarded Newton-bisection iterations of the secular equation (at most)
 
@@ -90,6 +90,28 @@ class BlockMetric:
         return self.unrotate(self.rotate(V) / self.weights(V.dtype))
 
 
+def secular_bracket(u: torch.Tensor, w: torch.Tensor, thresh: float, group: Group):
+    """The float64 pieces of the prox's secular equation (see :func:`prox_in_metric`).
+
+    ``psi(sigma) = sigma ||z(sigma)|| - thresh`` is increasing; between its roots for ``w == wmin``
+    and ``w == wmax`` (bounds on ``||z||``) lies the true one.
+
+    Returns:
+        ``(W, a, active, lo, hi)``: ``W`` the weights as (P, d, 1), ``a = W u``, the groups that
+        are not thresholded to zero, and the bracket of ``sigma`` per group (any finite one for an
+        inactive group).
+    """
+    W = w.to(torch.float64)[:, :, None]
+    a = W * u.to(torch.float64)
+    na = group_norms(a, group)
+    active = na > thresh
+    wmin, wmax = w.min(dim=1).values, w.max(dim=1).values
+    if group == "gate_output":
+        wmin, wmax = wmin[:, None], wmax[:, None]
+    gap = torch.where(active, na - thresh, 1.0)
+    return W, a, active, thresh * wmin / gap, thresh * wmax / gap
+
+
 def prox_in_metric(u: torch.Tensor, w: torch.Tensor, thresh: float, group: Group) -> torch.Tensor:
     """``argmin_z sum_k w_k/2 (z_k - u_k)^2 + thresh sum_g ||z_g||`` (rotated coordinates).
 
@@ -105,19 +127,10 @@ def prox_in_metric(u: torch.Tensor, w: torch.Tensor, thresh: float, group: Group
     Returns:
         (P, d, c).
     """
-    W = w.to(torch.float64)[:, :, None]
-    a = W * u.to(torch.float64)
-    na = group_norms(a, group)
-    active = na > thresh
-    wmin, wmax = w.min(dim=1).values, w.max(dim=1).values
-    if group == "gate_output":
-        wmin, wmax = wmin[:, None], wmax[:, None]
-    gap = torch.where(active, na - thresh, 1.0)  # inactive groups: any finite bracket
-    # psi(sigma) = sigma ||z(sigma)|| - thresh is increasing; between the roots for w == wmin and
-    # w == wmax (bounds on ||z||) lies the true one. Newton runs on the concave
-    # phi = 1/||z|| - sigma/thresh (same root, same sign as -psi) from the upper end, where it
-    # decreases monotonically to the root; the bracket only guards against rounding.
-    lo, hi = thresh * wmin / gap, thresh * wmax / gap
+    W, a, active, lo, hi = secular_bracket(u, w, thresh, group)
+    # Newton runs on the concave phi = 1/||z|| - sigma/thresh (same root, same sign as -psi) from
+    # the upper end, where it decreases monotonically to the root; the bracket only guards against
+    # rounding.
     sigma = hi.clone()
     a2 = a * a
 
