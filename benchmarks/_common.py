@@ -54,12 +54,11 @@ def command_line(argv: list[str] | None = None) -> str:
     repository is written back as its dotted module name (run from the repository root).
     """
     argv = list(sys.argv if argv is None else argv) or ["?"]
-    head = Path(argv[0])
     try:
-        rel = head.resolve().relative_to(RESULTS.parent.parent)
+        rel = Path(argv[0]).resolve().relative_to(RESULTS.parent.parent)
     except (OSError, ValueError):
-        return " ".join(["python", *argv])
-    if rel.suffix != ".py":
+        rel = None
+    if rel is None or rel.suffix != ".py":
         return " ".join(["python", *argv])
     return " ".join(["python", "-m", ".".join(rel.with_suffix("").parts), *argv[1:]])
 
